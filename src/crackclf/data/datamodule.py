@@ -1,0 +1,245 @@
+"""LightningDataModule: inventory → leakage-free split → decode-once cache → batches → augmentation."""
+
+from __future__ import annotations
+
+import logging
+import random
+from collections import defaultdict
+from pathlib import Path
+
+import numpy as np
+import pytorch_lightning as pl
+import torch
+from torch.utils.data import BatchSampler, DataLoader, Dataset, RandomSampler, SequentialSampler
+
+from crackclf.data import inventory as inv
+from crackclf.data.augment import BatchAugment
+from crackclf.data.cache import build_cache
+from crackclf.data.images import ImageError, load_resized
+from crackclf.data.split import SPLITS, SplitRow, SplitSummary, make_split, read_split, split_key, write_split
+
+log = logging.getLogger(__name__)
+
+
+class DataError(ValueError):
+    """The data cannot be used for training; the message says which folder/file and what to do."""
+
+
+class _CachedBatches(Dataset):
+    """Index with a list of row numbers → one whole batch from the in-memory uint8 cache (no per-item Python)."""
+
+    def __init__(self, images: torch.Tensor, labels: torch.Tensor) -> None:
+        self.images, self.labels = images, labels  # images: (N, H, W, 3) uint8
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, rows: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        index = torch.as_tensor(rows, device=self.images.device)
+        return self.images[index].permute(0, 3, 1, 2), self.labels[index]
+
+
+class _FileImages(Dataset):
+    """Per-file path (``data.cache=false``): decode and resize each image when it is asked for.
+
+    A file that has become unreadable since the inventory is logged and replaced by the next one, so a
+    DataLoader worker never dies of one bad file.
+    """
+
+    def __init__(self, paths: list[Path], labels: list[int], size: int) -> None:
+        self.paths, self.labels, self.size = paths, labels, size
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
+        for attempt in range(len(self.paths)):
+            position = (index + attempt) % len(self.paths)
+            try:
+                array = load_resized(self.paths[position], self.size)
+                return torch.from_numpy(array).permute(2, 0, 1), self.labels[position]
+            except ImageError as error:
+                log.warning("skipping unreadable training image %s", error)
+        raise DataError("no readable image left in this dataset")
+
+
+class CrackDataModule(pl.LightningDataModule):
+    """Two-class image folders → train/val/test batches of uint8 images, augmented on the device.
+
+    Args:
+        root: data folder with one sub-folder per class; ``None`` downloads the reference data set.
+        class_dirs: sub-folder names, in label order (default ``Negative`` = 0 = no crack, ``Positive`` = 1).
+        class_names: human names of the classes, in the same order.
+        image_size: side of the square the images are resized to.
+        batch_size, num_workers: loader settings (``num_workers`` only matters with ``cache=false``).
+        val_fraction, test_fraction: shares of each class held out; groups of duplicates stay whole.
+        max_per_class: keep at most this many images per class (spread over the splits) for quick runs.
+        seed: split and data-order seed.
+        split_file: a split CSV to use instead of computing one.
+        test_root: a separate labelled folder used as the test split (``test_fraction`` is then ignored).
+        cache: decode once into a uint8 array (default); ``False`` decodes files every epoch.
+        cache_dir: where inventories, splits and image caches are stored.
+        download_dir: where the reference data set is downloaded to when ``root`` is ``None``.
+        near_duplicate_bits: perceptual-hash distance that joins near-duplicates (``None``: exact copies only).
+        min_per_class: refuse to train when a class has fewer readable training images.
+        augment: the batch augmentation for training (``None``: none).
+        gpu_cache: with CUDA, keep the cache on the GPU and build/augment batches there.
+    """
+
+    def __init__(
+        self,
+        root: str | None,
+        class_dirs: tuple[str, str] = ("Negative", "Positive"),
+        class_names: tuple[str, str] = ("no_crack", "crack"),
+        image_size: int = 64,
+        batch_size: int = 128,
+        num_workers: int = 0,
+        val_fraction: float = 0.15,
+        test_fraction: float = 0.15,
+        max_per_class: int | None = None,
+        seed: int = 42,
+        split_file: str | None = None,
+        test_root: str | None = None,
+        cache: bool = True,
+        cache_dir: str = ".cache/crackclf",
+        download_dir: str = "data",
+        near_duplicate_bits: int | None = inv.NEAR_DUPLICATE_BITS,
+        min_per_class: int = 10,
+        augment: BatchAugment | None = None,
+        gpu_cache: bool = True,
+        progress: bool = True,
+    ) -> None:
+        super().__init__()
+        self.root = Path(root).resolve() if root else None
+        self.class_dirs, self.class_names = tuple(class_dirs), tuple(class_names)
+        self.image_size, self.batch_size, self.num_workers = image_size, batch_size, num_workers
+        self.val_fraction, self.test_fraction, self.max_per_class = val_fraction, test_fraction, max_per_class
+        self.seed, self.split_file, self.test_root = seed, split_file, Path(test_root).resolve() if test_root else None
+        self.cache, self.cache_dir, self.download_dir = cache, Path(cache_dir), Path(download_dir)
+        self.near_duplicate_bits, self.min_per_class = near_duplicate_bits, min_per_class
+        self.augment, self.gpu_cache, self.progress = augment, gpu_cache, progress
+        self.rows: list[SplitRow] = []
+        self.split_path: Path | None = None
+        self.split_summary: SplitSummary | None = None
+        self.verify_report: dict | None = None
+        self._datasets: dict[str, Dataset] = {}
+
+    # ----------------------------------------------------------------------------------------------- preparation
+    def prepare(self) -> None:
+        """Scan, split and cache (idempotent; safe to call before the Trainer exists)."""
+        if self.rows:
+            return
+        if self.root is None:
+            from crackclf.data.download import ensure_dataset
+
+            self.root = ensure_dataset(self.download_dir)
+        inventory = inv.scan(self.root, self.class_dirs, self.cache_dir, progress=self.progress)
+        self.verify_report = inv.verify_report(inventory, self.class_names, self.near_duplicate_bits or 0)
+        for bad in inventory.unreadable:
+            log.warning("excluded unreadable image %s/%s: %s", self.root, bad.path, bad.error)
+        readable = inventory.readable
+        if self.split_file:
+            rows = read_split(Path(self.split_file))
+            self.split_path = Path(self.split_file)
+        else:
+            test_fraction = 0.0 if self.test_root else self.test_fraction
+            key = split_key(readable, self.val_fraction, test_fraction, self.seed, self.near_duplicate_bits)
+            self.split_path = self.cache_dir / f"split-{key}.csv"
+            if self.split_path.exists():
+                rows = read_split(self.split_path)
+            else:
+                rows, self.split_summary = make_split(
+                    readable, self.val_fraction, test_fraction, self.seed, self.near_duplicate_bits
+                )
+                write_split(self.split_path, rows)
+        rows = [SplitRow(str(self.root / r.path), r.label, r.group, r.split, r.md5) for r in rows]
+        if self.test_root:
+            test_inventory = inv.scan(self.test_root, self.class_dirs, self.cache_dir, progress=self.progress)
+            rows = [r for r in rows if r.split != "test"] + [
+                SplitRow(str(self.test_root / r.path), r.label, -1, "test", r.md5) for r in test_inventory.readable
+            ]
+        self.rows = self._subsample(rows)
+        self._check_class_sizes()
+
+    def _subsample(self, rows: list[SplitRow]) -> list[SplitRow]:
+        if not self.max_per_class:
+            return rows
+        by_split_class: dict[tuple[str, int], list[SplitRow]] = defaultdict(list)
+        for row in rows:
+            by_split_class[(row.split, row.label)].append(row)
+        per_class_total = defaultdict(int)
+        for (_, label), members in by_split_class.items():
+            per_class_total[label] += len(members)
+        rng = random.Random(self.seed)
+        kept = []
+        for (split, label), members in sorted(by_split_class.items()):
+            share = len(members) / per_class_total[label]
+            keep = max(1, round(self.max_per_class * share))
+            kept += rng.sample(members, min(keep, len(members)))
+        return sorted(kept, key=lambda r: (SPLITS.index(r.split), r.path))
+
+    def _check_class_sizes(self) -> None:
+        for label, (class_dir, name) in enumerate(zip(self.class_dirs, self.class_names, strict=True)):
+            count = sum(1 for r in self.rows if r.split == "train" and r.label == label)
+            if count < self.min_per_class:
+                raise DataError(
+                    f"class '{name}' (folder {self.root}/{class_dir}) has {count} readable training images, fewer "
+                    f"than data.min_per_class={self.min_per_class}. Add images to that folder, fix the unreadable "
+                    "ones listed above, or lower data.min_per_class."
+                )
+
+    def rows_of(self, split: str) -> list[SplitRow]:
+        return [r for r in self.rows if r.split == split]
+
+    # ------------------------------------------------------------------------------------------------ Lightning
+    def setup(self, stage: str | None = None) -> None:
+        self.prepare()
+        if self._datasets:
+            return
+        device = torch.device("cpu")
+        if self.trainer is not None and self.gpu_cache and self.trainer.strategy.root_device.type == "cuda":
+            device = self.trainer.strategy.root_device
+        for split in SPLITS:
+            rows = self.rows_of(split)
+            if not rows:
+                continue
+            labels = [r.label for r in rows]
+            if self.cache:
+                root = Path("/")
+                array = build_cache(
+                    root, [r.path for r in rows], [r.md5 for r in rows], self.image_size, self.cache_dir,
+                    progress=self.progress,
+                )
+                images = torch.from_numpy(np.array(array)).to(device)  # one read of the memory map into RAM
+                self._datasets[split] = _CachedBatches(images, torch.tensor(labels, device=device))
+            else:
+                self._datasets[split] = _FileImages([Path(r.path) for r in rows], labels, self.image_size)
+
+    def _loader(self, split: str, shuffle: bool) -> DataLoader:
+        dataset = self._datasets[split]
+        generator = torch.Generator().manual_seed(self.seed)
+        if isinstance(dataset, _CachedBatches):
+            base = RandomSampler(dataset, generator=generator) if shuffle else SequentialSampler(dataset)
+            sampler = BatchSampler(base, self.batch_size, drop_last=shuffle and len(dataset) > self.batch_size)
+            return DataLoader(dataset, sampler=sampler, batch_size=None, num_workers=0)
+        return DataLoader(
+            dataset, batch_size=self.batch_size, shuffle=shuffle, generator=generator, num_workers=self.num_workers,
+            persistent_workers=self.num_workers > 0, drop_last=shuffle and len(dataset) > self.batch_size,
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader("train", shuffle=True)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader("val", shuffle=False)
+
+    def test_dataloader(self) -> DataLoader:
+        return self._loader("test", shuffle=False)
+
+    def on_after_batch_transfer(self, batch, dataloader_idx: int):
+        """uint8 → float in [0, 1] on the device; augment only while fitting."""
+        images, labels = batch
+        images = images.float().div_(255.0)
+        if self.augment is not None and self.trainer is not None and self.trainer.training:
+            images = self.augment(images)
+        return images, labels

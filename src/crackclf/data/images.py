@@ -1,0 +1,153 @@
+"""The one place where images enter crackclf.
+
+Every image — training data, ``data verify``, the cache, ``predict``, the HTTP API — is opened by
+:func:`open_image`, which knows formats, EXIF orientation, RGB conversion, pixel limits and how to say
+"this file is bad, and why" in one line.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import warnings
+from pathlib import Path
+from typing import BinaryIO
+
+import numpy as np
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+#: File suffixes treated as images when scanning folders (lower case).
+IMAGE_EXTENSIONS: frozenset[str] = frozenset(
+    {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp"}
+)
+#: Refuse images with more pixels than this (decompression bombs); overridable per call.
+DEFAULT_MAX_PIXELS = 40_000_000
+#: Smallest accepted side: below this an image carries no usable texture.
+MIN_SIDE = 8
+
+# Pillow's own bomb check is replaced by ours (which names the file and the limit).
+Image.MAX_IMAGE_PIXELS = None
+
+ImageSource = str | os.PathLike | bytes | BinaryIO
+
+
+class ImageError(ValueError):
+    """An input that cannot be used as an image; ``str()`` is a one-line reason naming the source."""
+
+    def __init__(self, source: str, reason: str) -> None:
+        super().__init__(f"{source}: {reason}")
+        self.source = source
+        self.reason = reason
+
+
+def describe_source(source: ImageSource) -> str:
+    """A printable name for an image source (a path, or ``<bytes>`` / ``<stream>``)."""
+    if isinstance(source, (str, os.PathLike)):
+        return os.fsdecode(source)
+    return "<bytes>" if isinstance(source, bytes) else getattr(source, "name", "<stream>")
+
+
+def _check_path(path: Path, name: str) -> None:
+    if path.is_symlink() and not path.exists():
+        raise ImageError(name, "broken symbolic link (its target does not exist)")
+    if not path.exists():
+        raise ImageError(name, "file not found")
+    if path.is_dir():
+        raise ImageError(name, "is a directory, not an image file")
+    if path.stat().st_size == 0:
+        raise ImageError(name, "empty file (0 bytes)")
+    if not os.access(path, os.R_OK):
+        raise ImageError(name, "permission denied (file is not readable)")
+
+
+def open_image(
+    source: ImageSource,
+    *,
+    max_pixels: int = DEFAULT_MAX_PIXELS,
+    draft_size: int | None = None,
+    formats: tuple[str, ...] | None = None,
+) -> Image.Image:
+    """Open, fully decode and return an image as RGB with EXIF orientation applied.
+
+    Args:
+        source: a path, raw bytes or a binary stream.
+        max_pixels: refuse images whose header declares more pixels (decompression bombs).
+        draft_size: for JPEGs, let the decoder downscale by a power of two while keeping both sides
+            ≥ this size (several times faster when the caller resizes to a small size anyway).
+        formats: accepted Pillow format names (e.g. ``("JPEG", "PNG")``); ``None`` accepts all.
+
+    Raises:
+        ImageError: with a one-line reason for every kind of bad input.
+    """
+    name = describe_source(source)
+    if isinstance(source, (str, os.PathLike)):
+        _check_path(Path(source), name)
+    elif isinstance(source, bytes):
+        if not source:
+            raise ImageError(name, "empty file (0 bytes)")
+        source = io.BytesIO(source)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # Pillow warns on odd EXIF/palette data; errors are what matter
+            image = Image.open(source)
+            if formats is not None and image.format not in formats:
+                raise ImageError(name, f"format {image.format} is not accepted (accepted: {', '.join(formats)})")
+            width, height = image.size
+            if width * height > max_pixels:
+                raise ImageError(
+                    name, f"{width}x{height} = {width * height:,} pixels exceeds the limit of {max_pixels:,}"
+                )
+            if min(width, height) < MIN_SIDE:
+                raise ImageError(name, f"{width}x{height} is too small (each side must be >= {MIN_SIDE} px)")
+            if draft_size is not None and image.format == "JPEG":
+                image.draft("RGB", (draft_size, draft_size))
+            image.load()  # decode the whole stream now: truncation must surface here, not later
+            source_mode = image.mode
+            image = _to_rgb(ImageOps.exif_transpose(image))
+            image.info["source_mode"] = source_mode
+            return image
+    except ImageError:
+        raise
+    except UnidentifiedImageError:
+        raise ImageError(name, "not a recognised image format") from None
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as error:
+        raise ImageError(name, f"cannot decode ({error})") from None
+    except PermissionError:
+        raise ImageError(name, "permission denied (file is not readable)") from None
+
+
+def _to_rgb(image: Image.Image) -> Image.Image:
+    """Convert any Pillow mode to RGB; transparency is composited on white, 16-bit is scaled down."""
+    if image.mode == "RGB":
+        return image
+    if image.mode in ("I;16", "I;16B", "I;16L", "I"):
+        array = np.asarray(image, dtype=np.float64)
+        peak = array.max() or 1.0
+        scale = 255.0 / (65535.0 if peak > 255 else 255.0)
+        return Image.fromarray(np.clip(array * scale, 0, 255).astype(np.uint8)).convert("RGB")
+    if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
+        rgba = image.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(background, rgba).convert("RGB")
+    return image.convert("RGB")
+
+
+def load_resized(source: ImageSource, size: int, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
+    """Open ``source`` and resize it to ``size``×``size``; returns a ``(size, size, 3)`` uint8 array.
+
+    The resize is Pillow's antialiased bilinear (``Image.BILINEAR`` with reducing_gap), the same in training,
+    the cache and inference, so a model never sees a resize it was not trained on.
+    """
+    image = open_image(source, max_pixels=max_pixels, draft_size=size)
+    return resize_array(image, size)
+
+
+#: Identifies the resize used by :func:`load_resized`; part of the cache key.
+RESIZE_METHOD = "pil-bilinear-antialias-draft"
+
+
+def resize_array(image: Image.Image, size: int) -> np.ndarray:
+    """Resize an RGB image to ``size``×``size`` and return it as a uint8 HWC array."""
+    if image.size != (size, size):
+        image = image.resize((size, size), Image.BILINEAR, reducing_gap=None)
+    return np.asarray(image, dtype=np.uint8)

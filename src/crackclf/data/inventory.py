@@ -1,0 +1,261 @@
+"""Scan a class-folder tree, hash every file (content and perceptual), and report what is in it.
+
+The inventory is computed once per data set (in parallel, every file fully decoded) and stored as a CSV keyed
+by the files' names, sizes and modification times, so later runs and sweep jobs reuse it.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import json
+import os
+from collections import Counter, defaultdict
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import imagehash
+import numpy as np
+from tqdm import tqdm
+
+from crackclf.data.images import IMAGE_EXTENSIONS, ImageError, open_image
+from crackclf.utils import atomic_write_text, stable_hash, worker_count
+
+#: Two images whose 64-bit perceptual hashes (``imagehash.phash``) differ in at most this many bits are
+#: treated as near-duplicates. Measured on the Özgenel data: re-encoded and few-pixel-shifted copies differ by
+#: 0–6 bits, while distinct crops of the same wall rarely come closer than 12 (see docs/data.md).
+NEAR_DUPLICATE_BITS = 6
+
+
+@dataclass
+class FileRecord:
+    """One scanned file: where it is, its class, and what decoding it found."""
+
+    path: str  # relative to the data root, '/'-separated
+    label: int
+    md5: str = ""
+    phash: str = ""  # 16 hex digits; empty when unreadable
+    width: int = 0
+    height: int = 0
+    mode: str = ""
+    error: str = ""  # one-line reason when unreadable
+
+    @property
+    def ok(self) -> bool:
+        return not self.error
+
+
+@dataclass
+class Inventory:
+    """All files of a data root with their hashes; ``records`` is sorted by path."""
+
+    root: Path
+    class_dirs: tuple[str, ...]
+    records: list[FileRecord] = field(default_factory=list)
+
+    @property
+    def readable(self) -> list[FileRecord]:
+        return [r for r in self.records if r.ok]
+
+    @property
+    def unreadable(self) -> list[FileRecord]:
+        return [r for r in self.records if not r.ok]
+
+    def content_key(self) -> str:
+        """A hash of what the readable data is (names, labels, contents), independent of where it lives."""
+        return stable_hash([(r.path, r.label, r.md5) for r in self.readable])
+
+
+def list_class_files(root: Path, class_dirs: tuple[str, ...]) -> list[tuple[str, int]]:
+    """All candidate image files under ``root/<class_dir>`` (recursive), as (relative path, label index).
+
+    Directories named like images and files with non-image suffixes are not candidates; anything with an
+    image suffix is (so a text file named ``.jpg`` is reported as unreadable, not silently skipped).
+    """
+    found: list[tuple[str, int]] = []
+    for label, class_dir in enumerate(class_dirs):
+        base = root / class_dir
+        for dirpath, _dirnames, filenames in os.walk(base, followlinks=False):
+            for filename in filenames:
+                if Path(filename).suffix.lower() in IMAGE_EXTENSIONS:
+                    relative = Path(dirpath, filename).relative_to(root).as_posix()
+                    found.append((relative, label))
+            for dirname in _dirnames:
+                if Path(dirname).suffix.lower() in IMAGE_EXTENSIONS:
+                    relative = Path(dirpath, dirname).relative_to(root).as_posix()
+                    found.append((relative, label))  # reported as "is a directory"
+    found.sort()
+    return found
+
+
+def _scan_one(args: tuple[str, str, int]) -> FileRecord:
+    root, relative, label = args
+    path = Path(root, relative)
+    record = FileRecord(path=relative, label=label)
+    try:
+        data = path.read_bytes() if path.is_file() else b""
+        record.md5 = hashlib.md5(data).hexdigest() if data else ""
+        image = open_image(path)
+        record.width, record.height = image.size
+        record.mode = image.info["source_mode"]
+        record.phash = str(imagehash.phash(image))
+    except ImageError as error:
+        record.error = error.reason
+    except OSError as error:  # unreadable (permissions) or vanished between listing and reading
+        record.error = f"cannot read ({error.strerror or error})"
+    return record
+
+
+def _fingerprint(root: Path, files: list[tuple[str, int]]) -> str:
+    """Cheap key of the file list: names, labels, sizes and mtimes (no reading)."""
+    entries = []
+    for relative, label in files:
+        try:
+            stat = (root / relative).stat()
+            entries.append((relative, label, stat.st_size, stat.st_mtime_ns))
+        except OSError:
+            entries.append((relative, label, -1, -1))
+    return stable_hash(entries)
+
+
+def scan(root: Path, class_dirs: tuple[str, ...], cache_dir: Path | None = None, progress: bool = True) -> Inventory:
+    """Scan ``root``; reuse a stored inventory from ``cache_dir`` when the files have not changed."""
+    root = Path(root)
+    files = list_class_files(root, class_dirs)
+    stored = None
+    if cache_dir is not None:
+        stored = Path(cache_dir) / f"inventory-{_fingerprint(root, files)}.csv"
+        if stored.exists():
+            return Inventory(root, class_dirs, read_records(stored))
+    jobs = [(str(root), relative, label) for relative, label in files]
+    workers = worker_count()
+    if workers > 1 and len(jobs) > 64:
+        with ProcessPoolExecutor(workers) as pool:
+            results = pool.map(_scan_one, jobs, chunksize=64)
+            records = list(tqdm(results, total=len(jobs), desc="hashing images", disable=not progress, unit="img"))
+    else:
+        records = [_scan_one(job) for job in tqdm(jobs, desc="hashing images", disable=not progress, unit="img")]
+    inventory = Inventory(root, class_dirs, records)
+    if stored is not None:
+        write_records(stored, records)
+    return inventory
+
+
+def write_records(path: Path, records: list[FileRecord]) -> None:
+    """Write records as CSV, atomically."""
+    names = list(asdict(records[0]).keys()) if records else [f for f in FileRecord.__dataclass_fields__]
+    import io
+
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=names, lineterminator="\n")
+    writer.writeheader()
+    for record in records:
+        writer.writerow(asdict(record))
+    atomic_write_text(path, buffer.getvalue())
+
+
+def read_records(path: Path) -> list[FileRecord]:
+    with open(path, newline="") as handle:
+        return [
+            FileRecord(
+                path=row["path"], label=int(row["label"]), md5=row["md5"], phash=row["phash"],
+                width=int(row["width"]), height=int(row["height"]), mode=row["mode"], error=row["error"],
+            )
+            for row in csv.DictReader(handle)
+        ]
+
+
+def phash_array(records: list[FileRecord]) -> np.ndarray:
+    """The records' perceptual hashes as a uint64 array."""
+    return np.array([int(r.phash, 16) for r in records], dtype=np.uint64)
+
+
+def near_duplicate_pairs(hashes: np.ndarray, max_bits: int = NEAR_DUPLICATE_BITS, block: int = 2048) -> np.ndarray:
+    """All index pairs (i < j) whose hashes differ in at most ``max_bits`` bits, as an (n, 2) int array.
+
+    Exhaustive, in blocks (30,000 hashes take a few seconds), so no near pair is missed by an index structure.
+    """
+    pairs: list[np.ndarray] = []
+    for start in range(0, len(hashes), block):
+        chunk = hashes[start : start + block]
+        distances = np.bitwise_count(chunk[:, None] ^ hashes[None, :])
+        rows, cols = np.nonzero(distances <= max_bits)
+        rows = rows + start
+        keep = rows < cols
+        pairs.append(np.stack([rows[keep], cols[keep]], axis=1))
+    return np.concatenate(pairs) if pairs else np.zeros((0, 2), dtype=np.int64)
+
+
+def verify_report(inventory: Inventory, class_names: tuple[str, ...], max_bits: int = NEAR_DUPLICATE_BITS) -> dict:
+    """Counts per class, unreadable files, sizes/modes, exact and near duplicates, and label conflicts."""
+    readable = inventory.readable
+    by_md5: dict[str, list[FileRecord]] = defaultdict(list)
+    for record in readable:
+        by_md5[record.md5].append(record)
+    exact_groups = [group for group in by_md5.values() if len(group) > 1]
+    conflicts = [group for group in exact_groups if len({r.label for r in group}) > 1]
+    pairs = near_duplicate_pairs(phash_array(readable), max_bits) if readable else np.zeros((0, 2), int)
+    near_pairs = [(readable[i], readable[j]) for i, j in pairs if readable[i].md5 != readable[j].md5]
+    near_conflicts = [(a, b) for a, b in near_pairs if a.label != b.label]
+    counts = Counter(r.label for r in inventory.records)
+    readable_counts = Counter(r.label for r in readable)
+    return {
+        "root": str(inventory.root),
+        "files": len(inventory.records),
+        "per_class": {
+            name: {"files": counts.get(i, 0), "readable": readable_counts.get(i, 0)} for i, name in enumerate(class_names)
+        },
+        "unreadable": [{"path": r.path, "reason": r.error} for r in inventory.unreadable],
+        "sizes": dict(Counter(f"{r.width}x{r.height}" for r in readable).most_common(10)),
+        "modes": dict(Counter(r.mode for r in readable)),
+        "exact_duplicates": {
+            "groups": len(exact_groups),
+            "files_in_groups": sum(len(g) for g in exact_groups),
+            "redundant_files": sum(len(g) - 1 for g in exact_groups),
+            "examples": [[r.path for r in g] for g in exact_groups[:10]],
+        },
+        "near_duplicates": {
+            "threshold_bits": max_bits,
+            "hash": "imagehash.phash (64-bit DCT)",
+            "pairs": len(near_pairs),
+            "examples": [[a.path, b.path] for a, b in near_pairs[:10]],
+        },
+        "label_conflicts": {
+            "exact": [[r.path for r in g] for g in conflicts],
+            "near": [[a.path, b.path] for a, b in near_conflicts],
+        },
+    }
+
+
+def format_report(report: dict) -> str:
+    """A readable multi-line summary of :func:`verify_report`."""
+    lines = [f"Data root: {report['root']}", f"Files found: {report['files']}"]
+    for name, counts in report["per_class"].items():
+        lines.append(f"  {name}: {counts['files']} files, {counts['readable']} readable")
+    lines.append(f"Unreadable: {len(report['unreadable'])} (excluded from training)")
+    for item in report["unreadable"][:50]:
+        lines.append(f"  {item['path']}: {item['reason']}")
+    if len(report["unreadable"]) > 50:
+        lines.append(f"  ... and {len(report['unreadable']) - 50} more (see the JSON report)")
+    lines.append("Sizes: " + ", ".join(f"{k} ({v})" for k, v in report["sizes"].items()))
+    lines.append("Modes: " + ", ".join(f"{k} ({v})" for k, v in report["modes"].items()))
+    exact = report["exact_duplicates"]
+    lines.append(
+        f"Exact duplicates: {exact['groups']} groups, {exact['files_in_groups']} files "
+        f"({exact['redundant_files']} redundant copies)"
+    )
+    near = report["near_duplicates"]
+    lines.append(f"Near duplicates ({near['hash']}, <= {near['threshold_bits']} bits): {near['pairs']} pairs")
+    conflicts = report["label_conflicts"]
+    lines.append(f"Label conflicts: {len(conflicts['exact'])} exact, {len(conflicts['near'])} near")
+    return "\n".join(lines)
+
+
+def write_report(report: dict, out_dir: Path) -> tuple[Path, Path]:
+    """Write ``verify.json`` and ``verify.txt`` into ``out_dir``; returns both paths."""
+    out_dir = Path(out_dir)
+    json_path, text_path = out_dir / "verify.json", out_dir / "verify.txt"
+    atomic_write_text(json_path, json.dumps(report, indent=2))
+    atomic_write_text(text_path, format_report(report) + "\n")
+    return json_path, text_path

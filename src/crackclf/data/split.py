@@ -1,0 +1,154 @@
+"""Leakage-free, stratified, seeded train/val/test split, persisted as a CSV.
+
+Exact copies (same MD5) and near-copies (perceptual hash within a threshold) are joined into groups with a
+union-find; a group never straddles two splits. Groups are assigned per class in a seeded order until each split
+holds its share of that class's images, so the split is stratified and byte-for-byte reproducible.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import random
+from collections import Counter, defaultdict
+from dataclasses import dataclass
+from pathlib import Path
+
+from crackclf.data.inventory import NEAR_DUPLICATE_BITS, FileRecord, near_duplicate_pairs, phash_array
+from crackclf.utils import atomic_write_text, stable_hash
+
+SPLITS = ("train", "val", "test")
+SPLIT_COLUMNS = ("path", "label", "group", "split", "md5")
+
+
+@dataclass(frozen=True)
+class SplitRow:
+    path: str
+    label: int
+    group: int
+    split: str
+    md5: str
+
+
+@dataclass
+class SplitSummary:
+    """What grouping did: how many images were merged into multi-image groups."""
+
+    images: int
+    groups: int
+    merged_groups: int
+    merged_images: int
+    counts: dict[str, dict[int, int]]
+
+    def describe(self) -> str:
+        parts = [f"{s}: " + ", ".join(f"class {k}={v}" for k, v in sorted(c.items())) for s, c in self.counts.items()]
+        return (
+            f"{self.images} images in {self.groups} groups; {self.merged_groups} groups merge "
+            f"{self.merged_images} duplicate/near-duplicate images. " + "; ".join(parts)
+        )
+
+
+class _UnionFind:
+    def __init__(self, size: int) -> None:
+        self.parent = list(range(size))
+
+    def find(self, item: int) -> int:
+        while self.parent[item] != item:
+            self.parent[item] = self.parent[self.parent[item]]
+            item = self.parent[item]
+        return item
+
+    def union(self, a: int, b: int) -> None:
+        root_a, root_b = self.find(a), self.find(b)
+        if root_a != root_b:
+            self.parent[max(root_a, root_b)] = min(root_a, root_b)
+
+
+def group_records(records: list[FileRecord], near_bits: int | None = NEAR_DUPLICATE_BITS) -> list[int]:
+    """Group index per record: exact duplicates always, near-duplicates when ``near_bits`` is not None."""
+    union = _UnionFind(len(records))
+    first_by_md5: dict[str, int] = {}
+    for index, record in enumerate(records):
+        if record.md5 in first_by_md5:
+            union.union(first_by_md5[record.md5], index)
+        else:
+            first_by_md5[record.md5] = index
+    if near_bits is not None and records:
+        for i, j in near_duplicate_pairs(phash_array(records), near_bits):
+            union.union(int(i), int(j))
+    roots = [union.find(i) for i in range(len(records))]
+    # Number groups by first appearance so ids do not depend on union order.
+    ids: dict[int, int] = {}
+    return [ids.setdefault(root, len(ids)) for root in roots]
+
+
+def make_split(
+    records: list[FileRecord],
+    val_fraction: float,
+    test_fraction: float,
+    seed: int,
+    near_bits: int | None = NEAR_DUPLICATE_BITS,
+) -> tuple[list[SplitRow], SplitSummary]:
+    """Assign every record to train/val/test; groups stay whole, each class is split in the same proportions."""
+    records = sorted(records, key=lambda r: r.path)
+    groups = group_records(records, near_bits)
+    members: dict[int, list[int]] = defaultdict(list)
+    for index, group in enumerate(groups):
+        members[group].append(index)
+    # A group's class is its majority label (conflicting groups are reported by verify, not silently split).
+    group_label = {g: Counter(records[i].label for i in idx).most_common(1)[0][0] for g, idx in members.items()}
+    rng = random.Random(seed)
+    assignment: dict[int, str] = {}
+    for label in sorted(set(group_label.values())):
+        class_groups = sorted(g for g, lab in group_label.items() if lab == label)
+        rng.shuffle(class_groups)
+        total = sum(len(members[g]) for g in class_groups)
+        targets = {"test": round(total * test_fraction), "val": round(total * val_fraction)}
+        filled = {"test": 0, "val": 0}
+        for group in class_groups:
+            size = len(members[group])
+            # Fill test, then val, each up to its target; everything else trains.
+            split = next((s for s in ("test", "val") if filled[s] + size / 2 <= targets[s]), "train")
+            if split != "train":
+                filled[split] += size
+            assignment[group] = split
+    rows = [
+        SplitRow(r.path, r.label, groups[i], assignment[groups[i]], r.md5) for i, r in enumerate(records)
+    ]
+    counts = {s: dict(sorted(Counter(r.label for r in rows if r.split == s).items())) for s in SPLITS}
+    multi = [idx for idx in members.values() if len(idx) > 1]
+    summary = SplitSummary(len(rows), len(members), len(multi), sum(len(m) for m in multi), counts)
+    return rows, summary
+
+
+def split_key(records: list[FileRecord], val_fraction: float, test_fraction: float, seed: int, near_bits) -> str:
+    """Key of a split: the data's content plus every parameter that changes the assignment."""
+    content = [(r.path, r.label, r.md5, r.phash) for r in sorted(records, key=lambda r: r.path)]
+    return stable_hash({"content": content, "val": val_fraction, "test": test_fraction, "seed": seed,
+                        "near_bits": near_bits, "version": 1})
+
+
+def write_split(path: Path, rows: list[SplitRow]) -> Path:
+    """Write the split CSV atomically (so concurrent sweep jobs never read half a file)."""
+    buffer = io.StringIO()
+    writer = csv.writer(buffer, lineterminator="\n")
+    writer.writerow(SPLIT_COLUMNS)
+    for row in rows:
+        writer.writerow([row.path, row.label, row.group, row.split, row.md5])
+    return atomic_write_text(path, buffer.getvalue())
+
+
+def read_split(path: Path) -> list[SplitRow]:
+    """Read a split CSV, checking its columns and split names."""
+    with open(path, newline="") as handle:
+        reader = csv.DictReader(handle)
+        missing = {"path", "label", "split"} - set(reader.fieldnames or [])
+        if missing:
+            raise ValueError(f"split file {path} lacks column(s) {sorted(missing)}; expected {list(SPLIT_COLUMNS)}")
+        rows = []
+        for line, row in enumerate(reader, start=2):
+            if row["split"] not in SPLITS:
+                raise ValueError(f"split file {path}, line {line}: split {row['split']!r} is not one of {SPLITS}")
+            rows.append(SplitRow(row["path"], int(row["label"]), int(row.get("group") or -1), row["split"],
+                                 row.get("md5", "")))
+    return rows
