@@ -13,7 +13,7 @@ DATA_ARG := $(if $(DATA),data.root=$(abspath $(DATA)),)
 
 .DEFAULT_GOAL := help
 .PHONY: help setup train sweep test test-all ui lint format clean data bench bench-data bench-infer bench-serve \
-	bench-recipe predict serve compare
+	bench-recipe predict serve compare browser
 
 help: ## show this help
 	@grep -E '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "}; {printf "  make %-14s %s\n", $$1, $$2}'
@@ -29,17 +29,52 @@ setup: $(STAMP) ## create .venv with crackclf and its dependencies
 train: $(STAMP) ## train the default recipe: make train DATA=/path/to/concrete_crack [ARGS="key=value ..."]
 	$(BIN)/python train.py $(DATA_ARG) $(ARGS)
 
-sweep: $(STAMP) ## sweep the curated backbones (experiment=backbone_bench): make sweep DATA=...
+sweep: $(STAMP) ## sweep the curated backbones (experiment=backbone_bench): make sweep DATA=... [ARGS=...]
 	$(BIN)/python train.py -m experiment=backbone_bench $(DATA_ARG) $(ARGS)
+
+compare: $(STAMP) ## runs from MLflow -> reports/compare-*.md + .png: make compare [SWEEP=latest|ID] [ARGS="--tag k=v"]
+	$(BIN)/crackclf compare --experiment $(or $(EXPERIMENT),crack) $(if $(SWEEP),--sweep $(SWEEP),) --out reports $(ARGS)
 
 data: $(STAMP) ## download (if needed) and verify the data set: make data [DATA=/path]
 	$(if $(DATA),,$(BIN)/crackclf data download --dest data)
 	$(BIN)/crackclf data verify $(if $(DATA),$(DATA),data/concrete_crack)
 
-test: $(STAMP) ## fast tests (slow ones excluded)
+bench-data: $(STAMP) ## data path (cache + batch augment) vs ImageFolder+PIL, img/s: make bench-data [DATA=...]
+	$(BIN)/python scripts/bench_data.py --data $(or $(DATA),$(SHARED_DATA)) --out bench/bench_data.json $(ARGS)
+
+bench-recipe: $(STAMP) ## default recipe from a cold start, 3 runs, wall time + accuracy: make bench-recipe [DATA=...] [RUNS=3]
+	$(BIN)/python scripts/bench_recipe.py --data $(if $(DATA),$(DATA),$(SHARED_DATA)) --runs $(or $(RUNS),3) $(ARGS)
+
+bench-infer: $(STAMP) ## eager vs ONNX Runtime (batch 1/32); predict vs bare decode rate: make bench-infer [MODEL=...]
+	$(BIN)/python scripts/bench_infer.py --data $(or $(DATA),$(SHARED_DATA)) $(if $(MODEL),--model $(MODEL),) \
+		--out bench/bench_infer.json $(ARGS)
+
+predict: $(STAMP) ## classify images/folders/globs: make predict IN=photos/ MODEL=<ckpt|runs:/id|models:/name/v> [ARGS=...]
+	@test -n "$(IN)" -a -n "$(MODEL)" || { echo "usage: make predict IN=<files or folders> MODEL=<model> [ARGS=...]"; exit 2; }
+	$(BIN)/crackclf predict --model $(MODEL) $(IN) $(ARGS)
+
+serve: $(STAMP) ## web page + HTTP API on http://127.0.0.1:8000: make serve MODEL=<ckpt|.onnx|runs:/id|models:/name/v> [ARGS="--port 8080"]
+	@test -n "$(MODEL)" || { echo "usage: make serve MODEL=<model> [ARGS=\"--host 0.0.0.0 --port 8000\"]"; exit 2; }
+	$(BIN)/crackclf serve --model $(MODEL) $(ARGS)
+
+bench-serve: $(STAMP) ## load test of serve (2,000 requests, 8 concurrent, 127.0.0.1): make bench-serve MODEL=<model>
+	@test -n "$(MODEL)" || { echo "usage: make bench-serve MODEL=<model> [ARGS=\"--concurrency 1\"]"; exit 2; }
+	$(BIN)/python scripts/bench_serve.py --model $(MODEL) --data $(or $(DATA),$(SHARED_DATA)) \
+		--out bench/bench_serve.json $(ARGS)
+
+# The browser test (tests/e2e) drives Debian's chromium + chromedriver; installed here when missing and root.
+browser: ## install headless Chromium + chromedriver for the browser test (apt-get, as root)
+	@command -v chromium >/dev/null && command -v chromedriver >/dev/null || { \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	    echo "installing chromium + chromium-driver for the browser test (apt-get)"; \
+	    { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver \
+	      >/dev/null; } || echo "could not install chromium: the browser test will be skipped"; \
+	  else echo "no chromium/chromedriver and no root apt-get: the browser test will be skipped"; fi; }
+
+test: $(STAMP) browser ## fast tests (slow ones excluded)
 	$(BIN)/python -m pytest -m "not slow" -q
 
-test-all: $(STAMP) ## every test, slow ones included
+test-all: $(STAMP) browser ## every test, slow ones included
 	$(BIN)/python -m pytest -q
 
 ui: $(STAMP) ## MLflow UI on http://127.0.0.1:5000 over ./mlruns

@@ -8,18 +8,25 @@ from pathlib import Path
 from omegaconf import DictConfig, OmegaConf
 
 from crackclf.data.images import IMAGE_EXTENSIONS
-from crackclf.models.backbone import BackboneError, check_backbone_name, normalise_pretrained
-from crackclf.tracking.mlflow import tracking_uri
+
+# timm (torch, torchvision) and MLflow are imported where needed: a wrong override or path is then reported in
+# about a second instead of after the many seconds those imports take.
 
 
 class ConfigError(ValueError):
     """A configuration that cannot train; the message names the key and the fix."""
 
 
+def _tracking_uri() -> str:
+    from crackclf.tracking.mlflow import tracking_uri
+
+    return tracking_uri()
+
+
 def register_resolvers() -> None:
     """``${tracking_uri:}`` in YAML resolves to the MLflow store (see :mod:`crackclf.tracking.mlflow`)."""
     if not OmegaConf.has_resolver("tracking_uri"):
-        OmegaConf.register_new_resolver("tracking_uri", tracking_uri)
+        OmegaConf.register_new_resolver("tracking_uri", _tracking_uri)
 
 
 register_resolvers()
@@ -41,11 +48,6 @@ def _number(cfg: DictConfig, key: str):
 
 def validate(cfg: DictConfig) -> None:
     """Raise :class:`ConfigError` for the first problem found; cheap checks first, no data is read."""
-    try:
-        check_backbone_name(cfg.backbone.name)
-        normalise_pretrained(cfg.backbone.get("pretrained", "auto"))
-    except BackboneError as error:
-        raise ConfigError(str(error)) from None
     freeze = cfg.backbone.get("freeze_epochs", 0) or 0
     _require(isinstance(freeze, int) and freeze >= 0, f"backbone.freeze_epochs={freeze!r} must be an integer >= 0.")
 
@@ -90,7 +92,16 @@ def validate(cfg: DictConfig) -> None:
     threshold = cfg.get("threshold")
     if threshold is not None:
         _require(threshold.mode in ("f1", "recall"), f"threshold.mode={threshold.mode!r} must be 'f1' or 'recall'.")
-        _require(0 < threshold.target_recall <= 1, f"threshold.target_recall={threshold.target_recall} must be in (0, 1].")
+        _require(0 < threshold.target_recall <= 1,
+                 f"threshold.target_recall={threshold.target_recall} must be in (0, 1].")
+
+    from crackclf.models.backbone import BackboneError, check_backbone_name, normalise_pretrained
+
+    try:  # last: it needs timm's model list
+        check_backbone_name(cfg.backbone.name)
+        normalise_pretrained(cfg.backbone.get("pretrained", "auto"))
+    except BackboneError as error:
+        raise ConfigError(str(error)) from None
 
 
 def _check_data_folder(root: Path, class_dirs: list[str], key: str) -> None:
@@ -108,3 +119,95 @@ def _check_data_folder(root: Path, class_dirs: list[str], key: str) -> None:
             Path(name).suffix.lower() in IMAGE_EXTENSIONS for _, _, names in os.walk(folder) for name in names
         )
         _require(has_image, f"class folder {folder} contains no image files ({', '.join(sorted(IMAGE_EXTENSIONS))}).")
+
+
+# ------------------------------------------------------------------------------------ command-line overrides
+def check_overrides(overrides: list[str], config_dir: Path) -> None:
+    """Check ``key=value`` overrides against the config tree before Hydra composes it.
+
+    Hydra's own errors for a misspelt key or group option do not say what the valid ones are; these do. Only
+    what can be checked cheaply is checked (appended ``+key``, deleted ``~key`` and ``hydra.*`` are left to Hydra).
+
+    Raises:
+        ConfigError: naming the override, the valid keys or options of that group, and close matches.
+    """
+    from hydra import compose, initialize_config_dir
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from hydra.errors import HydraException
+
+    try:
+        parsed = OverridesParser.create().parse_overrides(overrides)
+    except HydraException:
+        return  # a syntax error: Hydra reports it with the position of the mistake
+    groups = {p.name for p in config_dir.iterdir() if p.is_dir()}
+    chosen: list[str] = []
+    values = []
+    for override in parsed:
+        key = override.key_or_group
+        if override.is_add() or override.is_delete() or override.is_force_add() or key.split(".")[0] == "hydra" \
+                or key.startswith("hydra/") or override.package is not None:
+            continue
+        if key in groups:
+            options = _group_options(config_dir / key)
+            picks = list(override.sweep_string_iterator()) if override.is_sweep_override() else \
+                [override.get_value_element_as_str()]
+            for pick in picks:
+                if pick != "null" and pick not in options:
+                    raise ConfigError(_unknown_option(key, pick, options))
+            chosen.append(f"{key}={picks[0]}")
+        else:
+            values.append(key)
+    if not values:
+        return
+    try:
+        with initialize_config_dir(str(Path(config_dir).resolve()), version_base="1.3"):
+            composed = compose(config_name="train", overrides=chosen)
+    except HydraException:
+        return  # e.g. an experiment that needs other overrides: Hydra explains it
+    for key in values:
+        _check_key(composed, key)
+
+
+def _group_options(folder: Path) -> list[str]:
+    return sorted(p.stem for p in folder.glob("*.yaml"))
+
+
+def _unknown_option(group: str, pick: str, options: list[str]) -> str:
+    import difflib
+
+    close = difflib.get_close_matches(pick, options, n=3, cutoff=0.5)
+    message = f"{group}={pick}: there is no conf/{group}/{pick}.yaml. Options: {', '.join(options) or '(none)'}."
+    if close:
+        message += f" Did you mean {group}={close[0]}?"
+    if group == "backbone":
+        from crackclf.models.backbone import BackboneError, check_backbone_name
+
+        try:
+            check_backbone_name(pick)
+            message += (f" {pick!r} is a timm model: use it with a backbone file as template, e.g. "
+                        f"backbone=resnet18 backbone.name={pick}.")
+        except BackboneError as error:
+            timm_close = str(error).partition("Close matches:")[2].split(". List")[0].strip()
+            if timm_close:
+                message += f" Close timm model names (for backbone.name=...): {timm_close}."
+    return message
+
+
+def _check_key(cfg: DictConfig, key: str) -> None:
+    import difflib
+
+    node, path = cfg, []
+    for part in key.split("."):
+        if not isinstance(node, DictConfig):
+            return  # a list index or a value: Hydra checks these
+        if part not in node:
+            parent = ".".join(path) or "the top level"
+            valid = sorted(str(k) for k in node)
+            close = difflib.get_close_matches(part, valid, n=3, cutoff=0.6)
+            hint = f" Did you mean {'.'.join([*path, close[0]])}?" if close else ""
+            raise ConfigError(
+                f"{key}: {parent} has no key {part!r}.{hint} Valid keys of {parent}: {', '.join(valid)}. "
+                f"(To add a new key on purpose, write +{key}=...)"
+            )
+        node = node._get_node(part)  # unresolved: interpolations need not resolve here
+        path.append(part)

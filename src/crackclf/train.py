@@ -27,8 +27,15 @@ class _Terminated(KeyboardInterrupt):
     """SIGTERM, turned into the interrupt Lightning already shuts down cleanly on."""
 
 
-def _raise_terminated(signum, frame) -> None:
-    raise _Terminated()
+def _sigterm_handler(resume_callback):
+    """SIGTERM → interrupt, except inside the training loop: there Lightning's own handler (called first) stops at
+    the end of the current batch and a checkpoint is saved, where an interrupt could tear an optimiser step."""
+
+    def handler(signum, frame) -> None:
+        if not resume_callback.in_training_loop:
+            raise _Terminated()
+
+    return handler
 
 
 def git_commit() -> str:
@@ -40,51 +47,57 @@ def git_commit() -> str:
 
 
 def sweep_info() -> dict[str, str]:
-    """Sweep id and overrides of this job when it runs inside a Hydra multirun."""
-    try:
-        from hydra.core.hydra_config import HydraConfig
-        from hydra.types import RunMode
+    """Sweep id and overrides of this job when it runs inside a Hydra multirun (see crackclf.experiments.sweep)."""
+    from crackclf.experiments.sweep import job_info
 
-        hydra_cfg = HydraConfig.get()
-    except ValueError:  # not running under Hydra (e.g. called from a test)
-        return {}
-    if hydra_cfg.mode != RunMode.MULTIRUN:
-        return {}
-    return {
-        "sweep_id": Path(hydra_cfg.sweep.dir).name,
-        "sweep_dir": str(hydra_cfg.sweep.dir),
-        "sweep_job": str(hydra_cfg.job.num),
-        "overrides": " ".join(hydra_cfg.overrides.task),
-    }
+    return job_info()
 
 
 def run(cfg: DictConfig) -> dict[str, Any]:
     """Train, test and log one configuration; returns the final metrics (including the optimised one)."""
+    validate(cfg)  # before the heavy imports below: a wrong value is reported in a second or two
     import pytorch_lightning as pl
     import torch
     from hydra.utils import instantiate
-    from pytorch_lightning.loggers import MLFlowLogger
+    from pytorch_lightning.utilities.exceptions import SIGTERMException
+    from pytorch_lightning.utilities.rank_zero import rank_zero_only
 
-    from crackclf.inference.bundle import BundleInfo, write_bundle_info
+    from crackclf.experiments.sweep import parent_run_id
+    from crackclf.inference.bundle import BundleInfo, log_bundle_model, source_tile_size, write_bundle_info
     from crackclf.tracking import mlflow as tracking
     from crackclf.tracking.plots import plot_confusion, plot_curves
     from crackclf.training.checkpointing import AtomicCheckpointIO
+    from crackclf.training.resume import ResumeCheckpoint, find_resume_point, lock_run, write_marker
     from crackclf.training.threshold import choose_threshold
 
-    validate(cfg)
+    resume_point = find_resume_point(cfg.get("resume"), cfg, Path(cfg.paths.output_dir))
+    if resume_point is not None:  # continue in the original run folder: its checkpoints, marker and MLflow run
+        cfg.paths.output_dir = str(resume_point.run_dir)
     pl.seed_everything(cfg.seed, workers=True)
     torch.set_float32_matmul_precision("high")
     output_dir = Path(cfg.paths.output_dir)
-    output_dir.mkdir(parents=True, exist_ok=True)
+    # DDP ranks > 0 are re-runs of this command in the same folder: rank zero holds the lock for all of them.
+    run_lock = lock_run(output_dir) if rank_zero_only.rank == 0 else None
+    if run_lock is None and rank_zero_only.rank == 0:
+        raise ConfigError(f"{output_dir} is in use by another training process; wait for it or resume another run.")
 
     datamodule = instantiate(cfg.data, augment=instantiate(cfg.augmentation))
     datamodule.prepare()
     model = instantiate(cfg.model)
 
     use_mlflow = cfg.get("logger") is not None and "MLFlowLogger" in str(cfg.logger.get("_target_", ""))
+    # DDP re-runs this script once per extra rank: only rank zero owns the MLflow run (one run, not one per GPU).
+    use_mlflow = use_mlflow and rank_zero_only.rank == 0
     run_id = None
     loggers: list = []
-    if use_mlflow:
+    resumed = False
+    if use_mlflow and resume_point is not None and resume_point.run_id:
+        run_id, resumed = resume_point.run_id, True
+        tracking.reopen_run(run_id)
+        tracking.set_tags(run_id, {"resumed_from": str(resume_point.checkpoint)})
+        loggers.append(instantiate(cfg.logger, run_id=run_id))
+        log.info("resuming MLflow run %s from %s", run_id, resume_point.checkpoint)
+    elif use_mlflow:
         tags = {
             "backbone": cfg.backbone.name,
             "pretrained": model.pretrained_status,
@@ -93,17 +106,20 @@ def run(cfg: DictConfig) -> dict[str, Any]:
             **sweep_info(),
         }
         run_name = f"{cfg.backbone.name}-{time.strftime('%Y%m%d-%H%M%S')}"
-        run_id = tracking.start_run(cfg.experiment_name, run_name, tags)
+        run_id = tracking.start_run(cfg.experiment_name, run_name, tags, parent_run_id=parent_run_id())
         loggers.append(instantiate(cfg.logger, run_id=run_id))
         log.info("MLflow run %s (%s) in experiment %r at %s", run_id, run_name, cfg.experiment_name,
                  tracking.tracking_uri())
     elif cfg.get("logger") is not None:
         loggers.append(instantiate(cfg.logger))
 
+    if rank_zero_only.rank == 0:
+        write_marker(output_dir, cfg, run_id, "RUNNING")
     status = "FAILED"
-    previous_sigterm = signal.signal(signal.SIGTERM, _raise_terminated)
+    resume_callback = ResumeCheckpoint(output_dir / "checkpoints")
+    previous_sigterm = signal.signal(signal.SIGTERM, _sigterm_handler(resume_callback))
     try:
-        if run_id:
+        if run_id and not resumed:  # a resumed run has its params and data artifacts already
             resolved = OmegaConf.to_container(cfg, resolve=True)
             tracking.log_params(run_id, tracking.flatten(resolved))
             config_file = output_dir / "config.yaml"
@@ -118,9 +134,10 @@ def run(cfg: DictConfig) -> dict[str, Any]:
                 tracking.log_text(run_id, datamodule.split_summary.describe(), "data/split_summary.txt")
 
         callbacks = [instantiate(c) for c in (cfg.get("callbacks") or {}).values() if c is not None]
-        trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False,
+        trainer = instantiate(cfg.trainer, callbacks=[*callbacks, resume_callback], logger=loggers or False,
                               plugins=[AtomicCheckpointIO()])
-        trainer.fit(model, datamodule=datamodule)
+        trainer.fit(model, datamodule=datamodule, ckpt_path=resume_point.checkpoint if resume_point else None,
+                    weights_only=False)  # our own checkpoint: it also holds RNG states and the metric journal
 
         checkpoint = trainer.checkpoint_callback
         best_path = checkpoint.best_model_path if checkpoint is not None else ""
@@ -135,7 +152,8 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         model.decision_threshold = choose_threshold(
             val_probabilities.numpy(), val_labels.numpy(), threshold_cfg.mode, threshold_cfg.target_recall
         )
-        test_results = trainer.test(model, datamodule=datamodule, verbose=False)[0] if datamodule.rows_of("test") else {}
+        test_results = (trainer.test(model, datamodule=datamodule, verbose=False)[0]
+                        if datamodule.rows_of("test") else {})
 
         final_gap = next((h["train/gap"] for h in reversed(model.history) if "train/gap" in h), None)
         overfitting = final_gap is not None and final_gap > cfg.model.max_gap
@@ -146,7 +164,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
             backbone=cfg.backbone.name, image_size=cfg.data.image_size, mean=tuple(model.net.mean.flatten().tolist()),
             std=tuple(model.net.std.flatten().tolist()), class_names=tuple(cfg.data.class_names),
             threshold=model.decision_threshold, run_id=run_id, pretrained_status=model.pretrained_status,
-            timm_kwargs=dict(cfg.backbone.get("kwargs") or {}),
+            timm_kwargs=dict(cfg.backbone.get("kwargs") or {}), tile_size=source_tile_size(datamodule.verify_report),
         )
         if best_path:
             write_bundle_info(Path(best_path), info)
@@ -172,23 +190,41 @@ def run(cfg: DictConfig) -> dict[str, Any]:
                 tracking.log_artifact(run_id, confusion, "plots")
             if best_path:
                 tracking.log_artifact(run_id, best_path, "checkpoints")
+            if cfg.get("register"):
+                log_bundle_model(run_id, model.net, info, cfg.registered_model_name)
         _print_summary(cfg, results, run_id)
         status = "FINISHED"
         return results
     except KeyboardInterrupt:
         status = "KILLED"
         raise
+    except SIGTERMException:  # Lightning's graceful stop on SIGTERM (a SystemExit without a code)
+        status = "KILLED"
+        raise SystemExit(128 + signal.SIGTERM) from None
     except SystemExit as exit_:  # Lightning turns Ctrl-C/SIGTERM into sys.exit(1) after a graceful stop
         status = "KILLED" if exit_.code else "FINISHED"
         raise
-    except BaseException:
+    except BaseException as error:
         if run_id:
-            tracking.log_text(run_id, traceback.format_exc(), "error/traceback.txt")
+            _best_effort("record the error in MLflow", tracking.record_error, run_id, error)
         raise
     finally:
         signal.signal(signal.SIGTERM, previous_sigterm)
+        # Best effort: when the disk that failed the run also holds the store, the original error must still show.
         if run_id:
-            tracking.end_run(run_id, status)
+            _best_effort(f"mark MLflow run {run_id} {status}", tracking.end_run, run_id, status)
+        if rank_zero_only.rank == 0:
+            _best_effort("update the run marker", write_marker, output_dir, cfg, run_id, status)
+        if run_lock is not None:
+            run_lock.release()
+
+
+def _best_effort(what: str, action, *args) -> None:
+    """Run a bookkeeping step during error handling without letting its own failure hide the original error."""
+    try:
+        action(*args)
+    except Exception as error:  # noqa: BLE001 - reported, and the original error goes on
+        log.warning("could not %s: %s", what, error)
 
 
 def _confusion(model, datamodule, trainer) -> np.ndarray:
@@ -204,6 +240,8 @@ def _confusion(model, datamodule, trainer) -> np.ndarray:
             )
             predicted = (model(images).softmax(1)[:, 1] >= model.decision_threshold).long().cpu()
             np.add.at(matrix, (labels.cpu().numpy(), predicted.numpy()), 1)
+    if trainer.world_size > 1:  # DDP: each rank counted its own shard of the test split
+        matrix = trainer.strategy.reduce(torch.from_numpy(matrix), reduce_op="sum").numpy()
     return matrix
 
 
@@ -228,21 +266,52 @@ def _friendly_exit(error: BaseException) -> None:
 @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="train")
 def hydra_main(cfg: DictConfig) -> float | None:
     """Hydra task: returns the optimised metric for sweepers."""
-    from crackclf.data.datamodule import DataError
-    from crackclf.data.images import ImageError
-    from crackclf.inference.bundle import BundleError
-
     try:
         results = run(cfg)
-    except (ConfigError, DataError, ImageError, BundleError) as error:
-        _friendly_exit(error)
-        return None
+    except Exception as error:
+        from crackclf.experiments.sweep import in_multirun, job_failed
+
+        if in_multirun():  # one bad job must not stop a sweep: record it FAILED in MLflow, let the others run
+            return job_failed(cfg, error)
+        if isinstance(error, ConfigError):  # before the imports below, which load torch/Lightning/timm
+            _friendly_exit(error)
+        from crackclf.data.datamodule import DataError
+        from crackclf.data.download import DownloadError
+        from crackclf.data.images import ImageError
+        from crackclf.inference.bundle import BundleError
+        from crackclf.utils import DiskFullError
+
+        if isinstance(error, (ConfigError, DataError, DownloadError, ImageError, BundleError, DiskFullError)):
+            _friendly_exit(error)
+        raise
     metric = results.get(cfg.get("optimized_metric") or "", None)
     return float(metric) if metric is not None else None
 
 
+def check_command_line(argv: list[str]) -> None:
+    """Check the overrides before Hydra does, so a misspelt key or option gets a message that lists the valid ones
+    (one paragraph, exit status 2; ``CRACKCLF_DEBUG=1`` adds the traceback)."""
+    from hydra._internal.utils import get_args_parser
+
+    from crackclf.config import check_overrides
+
+    try:
+        args, _ = get_args_parser().parse_known_args(argv)
+    except SystemExit:  # malformed flags: Hydra's own parser reports them
+        return
+    if args.help or args.hydra_help or args.info or args.config_dir or args.config_name or args.config_path:
+        return
+    try:
+        check_overrides(args.overrides, Path(CONFIG_DIR))
+    except ConfigError as error:
+        _friendly_exit(error)
+    except Exception as error:  # noqa: BLE001 - a pre-check must never stop a run Hydra would accept
+        log.debug("override pre-check skipped: %s", error)
+
+
 def main() -> None:
     """Console-script entry (``crackclf-train``) and ``python train.py``."""
+    check_command_line(sys.argv[1:])
     hydra_main()
 
 

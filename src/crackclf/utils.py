@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
@@ -17,10 +18,17 @@ def stable_hash(value: Any, length: int = 16) -> str:
     return hashlib.sha256(encoded).hexdigest()[:length]
 
 
+class DiskFullError(OSError):
+    """The disk filled up while writing a file; :func:`atomic_write` left nothing behind."""
+
+
 def atomic_write(path: Path, write: Callable[[Path], None]) -> Path:
     """Call ``write(tmp_path)`` on a temporary file beside ``path``, fsync it, then rename it into place.
 
     A crash or a full disk at any moment leaves either the old file or the complete new one, never a torn one.
+
+    Raises:
+        DiskFullError: when the disk is full (the temporary file is removed, ``path`` is untouched).
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -32,15 +40,24 @@ def atomic_write(path: Path, write: Callable[[Path], None]) -> Path:
         with open(tmp_path, "rb+") as stream:
             os.fsync(stream.fileno())
         os.replace(tmp_path, path)
-    except BaseException:
+    except BaseException as error:
         tmp_path.unlink(missing_ok=True)
+        if isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT):
+            raise DiskFullError(error.errno, f"no space left on the disk of {path} (nothing was written; the previous "
+                                "file, if any, is intact). Free space there, or write elsewhere, e.g. "
+                                "CRACKCLF_CACHE=/bigger/disk or hydra.run.dir=/bigger/disk/run") from error
         raise
     return path
 
 
+#: File names that are not valid UTF-8 reach Python as lone surrogates (PEP 383); writing and reading text files
+#: with this error handler keeps such names byte-exact instead of failing with UnicodeEncodeError.
+TEXT_ERRORS = "surrogateescape"
+
+
 def atomic_write_text(path: Path, text: str) -> Path:
-    """Write ``text`` to ``path`` atomically."""
-    return atomic_write(path, lambda tmp: tmp.write_text(text))
+    """Write ``text`` to ``path`` atomically (UTF-8; undecodable file names round-trip, see ``TEXT_ERRORS``)."""
+    return atomic_write(path, lambda tmp: tmp.write_text(text, encoding="utf-8", errors=TEXT_ERRORS))
 
 
 def worker_count() -> int:

@@ -7,6 +7,8 @@ temporary file into place, so two sweep jobs that start together build it once a
 
 from __future__ import annotations
 
+import errno
+import os
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
@@ -57,10 +59,22 @@ def build_cache(
     return np.load(target, mmap_mode="r")
 
 
+def _reserve(path: Path) -> None:
+    """Allocate every block of the (sparse) array file now. Writing into a memory map on a full disk kills the
+    process with SIGBUS; reserving first turns that into an ENOSPC error before any image is decoded."""
+    with open(path, "r+b") as handle:
+        try:
+            os.posix_fallocate(handle.fileno(), 0, os.fstat(handle.fileno()).st_size)
+        except OSError as error:
+            if error.errno not in (errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL):  # unsupported: write as before
+                raise
+
+
 def _build_into(tmp: Path, paths: list[Path], size: int, progress: bool) -> None:
     # np.save appends ".npy" to names without it, so write through an explicit handle.
     array = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint8, shape=(len(paths), size, size, 3))
     del array
+    _reserve(tmp)
     jobs = [
         (str(tmp), [str(p) for p in paths[i : i + _CHUNK]], i, size) for i in range(0, len(paths), _CHUNK)
     ]

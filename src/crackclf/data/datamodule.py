@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import logging
 import random
 from collections import defaultdict
@@ -10,19 +11,76 @@ from pathlib import Path
 import numpy as np
 import pytorch_lightning as pl
 import torch
-from torch.utils.data import BatchSampler, DataLoader, Dataset, RandomSampler, SequentialSampler
+from torch.utils.data import BatchSampler, DataLoader, Dataset, DistributedSampler, Sampler, SequentialSampler
 
 from crackclf.data import inventory as inv
 from crackclf.data.augment import BatchAugment
 from crackclf.data.cache import build_cache
 from crackclf.data.images import ImageError, load_resized
-from crackclf.data.split import SPLITS, SplitRow, SplitSummary, make_split, read_split, split_key, write_split
+from crackclf.data.split import (
+    SPLITS,
+    SplitRow,
+    SplitSummary,
+    align_split,
+    drop_test_overlap,
+    make_split,
+    read_split,
+    split_key,
+    straddling_groups,
+    summarize,
+    write_split,
+)
 
 log = logging.getLogger(__name__)
 
 
 class DataError(ValueError):
     """The data cannot be used for training; the message says which folder/file and what to do."""
+
+
+class EpochShuffle(Sampler[int]):
+    """``range(size)`` in an order that depends only on (seed, epoch): the same recipe as DistributedSampler's, so
+    a resumed run (or any run with this seed) sees exactly the same order in every epoch."""
+
+    def __init__(self, size: int, seed: int) -> None:
+        self.size, self.seed, self.epoch = size, seed, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __iter__(self):
+        generator = torch.Generator().manual_seed(self.seed + self.epoch)
+        return iter(torch.randperm(self.size, generator=generator).tolist())
+
+    def __len__(self) -> int:
+        return self.size
+
+
+class _EpochBatchSampler(BatchSampler):
+    """Batches of an epoch-seeded sampler; can start part-way into an epoch when a run resumes.
+
+    Lightning calls ``set_epoch`` before each epoch but creates a run's first iterator before that call, so the
+    epoch is handed to the inner sampler when iteration starts. ``resume_at`` = (epoch, batches already trained),
+    from the checkpoint a run resumes from: that epoch continues with the batches it had not seen.
+    """
+
+    epoch = 0
+    resume_at: tuple[int, int] | None = None
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+        if self.resume_at is not None and self._resume_position()[0] != epoch:
+            self.resume_at = None  # the resumed epoch is over
+
+    def _resume_position(self) -> tuple[int, int]:
+        epoch, done = self.resume_at
+        return (epoch + 1, 0) if done >= len(self) else (epoch, done)  # a finished epoch resumes at the next
+
+    def __iter__(self):
+        epoch, skip = self._resume_position() if self.resume_at is not None else (self.epoch, 0)
+        if hasattr(self.sampler, "set_epoch"):
+            self.sampler.set_epoch(epoch)
+        yield from itertools.islice(super().__iter__(), skip, None)
 
 
 class _CachedBatches(Dataset):
@@ -123,6 +181,7 @@ class CrackDataModule(pl.LightningDataModule):
         self.split_summary: SplitSummary | None = None
         self.verify_report: dict | None = None
         self._datasets: dict[str, Dataset] = {}
+        self._resume_at: tuple[int, int] | None = None  # set from a checkpoint by load_state_dict
 
     # ----------------------------------------------------------------------------------------------- preparation
     def prepare(self) -> None:
@@ -134,13 +193,21 @@ class CrackDataModule(pl.LightningDataModule):
 
             self.root = ensure_dataset(self.download_dir)
         inventory = inv.scan(self.root, self.class_dirs, self.cache_dir, progress=self.progress)
-        self.verify_report = inv.verify_report(inventory, self.class_names, self.near_duplicate_bits or 0)
+        self.verify_report = inv.verify_report(inventory, self.class_names, self.near_duplicate_bits)
         for bad in inventory.unreadable:
             log.warning("excluded unreadable image %s/%s: %s", self.root, bad.path, bad.error)
         readable = inventory.readable
         if self.split_file:
-            rows = read_split(Path(self.split_file))
             self.split_path = Path(self.split_file)
+            rows, dropped = align_split(read_split(self.split_path), readable)
+            if dropped:
+                log.warning("%d row(s) of data.split_file=%s are not readable images under %s and are left out: %s",
+                            len(dropped), self.split_path, self.root, ", ".join(dropped[:5]))
+            leaking = straddling_groups(rows, readable, self.near_duplicate_bits)
+            if leaking:
+                log.warning("data.split_file=%s puts %d group(s) of duplicate images in more than one split: test "
+                            "scores will be optimistic (`crackclf data split` writes a leakage-free one)",
+                            self.split_path, leaking)
         else:
             test_fraction = 0.0 if self.test_root else self.test_fraction
             key = split_key(readable, self.val_fraction, test_fraction, self.seed, self.near_duplicate_bits)
@@ -148,16 +215,20 @@ class CrackDataModule(pl.LightningDataModule):
             if self.split_path.exists():
                 rows = read_split(self.split_path)
             else:
-                rows, self.split_summary = make_split(
-                    readable, self.val_fraction, test_fraction, self.seed, self.near_duplicate_bits
-                )
+                rows, _ = make_split(readable, self.val_fraction, test_fraction, self.seed, self.near_duplicate_bits)
                 write_split(self.split_path, rows)
-        rows = [SplitRow(str(self.root / r.path), r.label, r.group, r.split, r.md5) for r in rows]
+        test_rows: list[SplitRow] = []
         if self.test_root:
             test_inventory = inv.scan(self.test_root, self.class_dirs, self.cache_dir, progress=self.progress)
-            rows = [r for r in rows if r.split != "test"] + [
-                SplitRow(str(self.test_root / r.path), r.label, -1, "test", r.md5) for r in test_inventory.readable
-            ]
+            rows, removed = drop_test_overlap([r for r in rows if r.split != "test"], readable,
+                                              test_inventory.readable, self.near_duplicate_bits)
+            if removed:
+                log.warning("left out %d train/val image(s) that are copies of images in data.test_root=%s",
+                            removed, self.test_root)
+            test_rows = [SplitRow(str(self.test_root / r.path), r.label, -1, "test", r.md5)
+                         for r in test_inventory.readable]
+        self.split_summary = summarize(rows + test_rows)
+        rows = [SplitRow(str(self.root / r.path), r.label, r.group, r.split, r.md5) for r in rows] + test_rows
         self.rows = self._subsample(rows)
         self._check_class_sizes()
 
@@ -172,21 +243,25 @@ class CrackDataModule(pl.LightningDataModule):
             per_class_total[label] += len(members)
         rng = random.Random(self.seed)
         kept = []
-        for (split, label), members in sorted(by_split_class.items()):
+        for (_split, label), members in sorted(by_split_class.items()):
             share = len(members) / per_class_total[label]
             keep = max(1, round(self.max_per_class * share))
             kept += rng.sample(members, min(keep, len(members)))
         return sorted(kept, key=lambda r: (SPLITS.index(r.split), r.path))
 
     def _check_class_sizes(self) -> None:
+        """Refuse to train when a class is empty or has fewer than ``min_per_class`` training images (all named)."""
+        short = []
         for label, (class_dir, name) in enumerate(zip(self.class_dirs, self.class_names, strict=True)):
             count = sum(1 for r in self.rows if r.split == "train" and r.label == label)
-            if count < self.min_per_class:
-                raise DataError(
-                    f"class '{name}' (folder {self.root}/{class_dir}) has {count} readable training images, fewer "
-                    f"than data.min_per_class={self.min_per_class}. Add images to that folder, fix the unreadable "
-                    "ones listed above, or lower data.min_per_class."
-                )
+            if count == 0 or count < self.min_per_class:
+                found = "no readable training image" if count == 0 else f"only {count} readable training images"
+                short.append(f"class '{name}' (folder {self.root}/{class_dir}) has {found}")
+        if short:
+            raise DataError(
+                "; ".join(short) + f" (data.min_per_class={self.min_per_class}). Add images to that folder, fix "
+                "the unreadable ones listed above (`crackclf data verify` lists them), or lower data.min_per_class."
+            )
 
     def rows_of(self, split: str) -> list[SplitRow]:
         return [r for r in self.rows if r.split == split]
@@ -218,14 +293,38 @@ class CrackDataModule(pl.LightningDataModule):
     def _loader(self, split: str, shuffle: bool) -> DataLoader:
         dataset = self._datasets[split]
         generator = torch.Generator().manual_seed(self.seed)
+        shard = None
+        if self.trainer is not None and self.trainer.world_size > 1:
+            # DDP (trainer=ddp sets use_distributed_sampler=false): every rank reads its own shard. Lightning's
+            # sampler replacement cannot rebuild the whole-batch sampler of the cached path, so we shard here.
+            shard = DistributedSampler(dataset, self.trainer.world_size, self.trainer.global_rank, shuffle=shuffle,
+                                       seed=self.seed)
+        drop_last = shuffle and len(shard if shard is not None else dataset) > self.batch_size
+        base = shard if shard is not None else (
+            EpochShuffle(len(dataset), self.seed) if shuffle else SequentialSampler(dataset))
+        sampler = _EpochBatchSampler(base, self.batch_size, drop_last=drop_last)
+        if split == "train":
+            sampler.resume_at = self._resume_at
+        # A generator of its own keeps DataLoader iterators from drawing on the global RNG (augmentation's).
         if isinstance(dataset, _CachedBatches):
-            base = RandomSampler(dataset, generator=generator) if shuffle else SequentialSampler(dataset)
-            sampler = BatchSampler(base, self.batch_size, drop_last=shuffle and len(dataset) > self.batch_size)
-            return DataLoader(dataset, sampler=sampler, batch_size=None, num_workers=0)
-        return DataLoader(
-            dataset, batch_size=self.batch_size, shuffle=shuffle, generator=generator, num_workers=self.num_workers,
-            persistent_workers=self.num_workers > 0, drop_last=shuffle and len(dataset) > self.batch_size,
-        )
+            return DataLoader(dataset, sampler=sampler, batch_size=None, num_workers=0, generator=generator)
+        return DataLoader(dataset, batch_sampler=sampler, generator=generator, num_workers=self.num_workers,
+                          persistent_workers=self.num_workers > 0)
+
+    def state_dict(self) -> dict:
+        """Where training is in the data — (epoch, batches trained in it) — stored in every checkpoint."""
+        trainer = self.trainer
+        if trainer is None or trainer.state.fn != "fit":
+            return {}
+        epochs = trainer.fit_loop.epoch_progress.current
+        started = epochs.started > epochs.processed  # saved inside an epoch, not between two
+        batches = trainer.fit_loop.epoch_loop.batch_progress.current.completed if started else 0
+        return {"epoch": epochs.processed, "batches_done": batches}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        """Resume the data order where the checkpoint left it (see :class:`_EpochBatchSampler`)."""
+        if state_dict:
+            self._resume_at = (int(state_dict["epoch"]), int(state_dict["batches_done"]))
 
     def train_dataloader(self) -> DataLoader:
         return self._loader("train", shuffle=True)
@@ -239,7 +338,22 @@ class CrackDataModule(pl.LightningDataModule):
     def on_after_batch_transfer(self, batch, dataloader_idx: int):
         """uint8 → float in [0, 1] on the device; augment only while fitting."""
         images, labels = batch
+        return self.model_input(images, augment=self.trainer is not None and self.trainer.training), labels
+
+    def model_input(self, images: torch.Tensor, augment: bool) -> torch.Tensor:
+        """A uint8 (B, 3, H, W) batch → float in [0, 1], through the batch augmentation when ``augment``.
+
+        On CPU the augmentation runs on one thread: it is many short element-wise passes, and on the shared
+        2-core machine they ran 4-6x slower with 2 threads than with 1 (``make bench-data``, docs/data.md).
+        """
         images = images.float().div_(255.0)
-        if self.augment is not None and self.trainer is not None and self.trainer.training:
-            images = self.augment(images)
-        return images, labels
+        if not augment or self.augment is None:
+            return images
+        if images.device.type != "cpu":
+            return self.augment(images)
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)
+        try:
+            return self.augment(images)
+        finally:
+            torch.set_num_threads(threads)

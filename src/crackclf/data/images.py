@@ -41,10 +41,15 @@ class ImageError(ValueError):
 
 
 def describe_source(source: ImageSource) -> str:
-    """A printable name for an image source (a path, or ``<bytes>`` / ``<stream>``)."""
+    """A printable name for an image source (a path, or ``<bytes>`` / ``<stream>``).
+
+    Bytes of a file name that are not valid UTF-8 are shown as ``\\xff`` escapes, so the message can always be
+    printed, logged and stored (a raw surrogate would make a UTF-8 write fail).
+    """
     if isinstance(source, (str, os.PathLike)):
-        return os.fsdecode(source)
-    return "<bytes>" if isinstance(source, bytes) else getattr(source, "name", "<stream>")
+        return os.fsencode(source).decode("utf-8", "backslashreplace")  # the file name's bytes, escaped
+    name = "<bytes>" if isinstance(source, bytes) else getattr(source, "name", "<stream>")
+    return os.fsencode(name).decode("utf-8", "backslashreplace") if isinstance(name, (str, bytes)) else str(name)
 
 
 def _check_path(path: Path, name: str) -> None:
@@ -54,6 +59,8 @@ def _check_path(path: Path, name: str) -> None:
         raise ImageError(name, "file not found")
     if path.is_dir():
         raise ImageError(name, "is a directory, not an image file")
+    if not path.is_file():  # a FIFO or device named like an image would block or never end
+        raise ImageError(name, "not a regular file")
     if path.stat().st_size == 0:
         raise ImageError(name, "empty file (0 bytes)")
     if not os.access(path, os.R_OK):
@@ -80,13 +87,16 @@ def open_image(
         ImageError: with a one-line reason for every kind of bad input.
     """
     name = describe_source(source)
-    if isinstance(source, (str, os.PathLike)):
-        _check_path(Path(source), name)
-    elif isinstance(source, bytes):
+    if isinstance(source, bytes):
         if not source:
             raise ImageError(name, "empty file (0 bytes)")
         source = io.BytesIO(source)
+    image = None
     try:
+        if isinstance(source, (str, os.PathLike)):
+            _check_path(Path(source), name)
+        elif _remaining_bytes(source) == 0:  # e.g. an empty HTTP upload
+            raise ImageError(name, "empty file (0 bytes)")
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # Pillow warns on odd EXIF/palette data; errors are what matter
             image = Image.open(source)
@@ -102,18 +112,36 @@ def open_image(
             if draft_size is not None and image.format == "JPEG":
                 image.draft("RGB", (draft_size, draft_size))
             image.load()  # decode the whole stream now: truncation must surface here, not later
-            source_mode = image.mode
-            image = _to_rgb(ImageOps.exif_transpose(image))
-            image.info["source_mode"] = source_mode
-            return image
+            result = _to_rgb(ImageOps.exif_transpose(image))  # always a new image, detached from the file
+            result.info["source_mode"] = image.mode
+            return result
     except ImageError:
         raise
     except UnidentifiedImageError:
         raise ImageError(name, "not a recognised image format") from None
-    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as error:
-        raise ImageError(name, f"cannot decode ({error})") from None
-    except PermissionError:
+    except PermissionError:  # before OSError, of which it is a subclass
         raise ImageError(name, "permission denied (file is not readable)") from None
+    except FileNotFoundError:  # removed between listing and reading
+        raise ImageError(name, "file not found") from None
+    except Exception as error:  # noqa: BLE001 - malformed files make Pillow raise struct.error, IndexError, ...
+        detail = str(error).splitlines()[0][:200] if str(error) else type(error).__name__
+        raise ImageError(name, f"cannot decode ({detail})") from None
+    finally:
+        if image is not None:
+            image.close()  # multi-frame files (GIF, TIFF) keep their handle open otherwise
+
+
+def _remaining_bytes(stream: BinaryIO) -> int | None:
+    """Bytes left in a seekable stream (``None`` when it cannot tell without consuming it)."""
+    try:
+        if not stream.seekable():
+            return None
+        position = stream.tell()
+        end = stream.seek(0, os.SEEK_END)
+        stream.seek(position)
+        return end - position
+    except (AttributeError, OSError, ValueError):
+        return None
 
 
 def _to_rgb(image: Image.Image) -> Image.Image:
@@ -132,13 +160,15 @@ def _to_rgb(image: Image.Image) -> Image.Image:
     return image.convert("RGB")
 
 
-def load_resized(source: ImageSource, size: int, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
+def load_resized(source: ImageSource, size: int, *, max_pixels: int = DEFAULT_MAX_PIXELS,
+                 formats: tuple[str, ...] | None = None) -> np.ndarray:
     """Open ``source`` and resize it to ``size``×``size``; returns a ``(size, size, 3)`` uint8 array.
 
     The resize is Pillow's antialiased bilinear (``Image.BILINEAR`` with reducing_gap), the same in training,
-    the cache and inference, so a model never sees a resize it was not trained on.
+    the cache and inference, so a model never sees a resize it was not trained on. ``max_pixels`` and ``formats``
+    are passed to :func:`open_image`.
     """
-    image = open_image(source, max_pixels=max_pixels, draft_size=size)
+    image = open_image(source, max_pixels=max_pixels, draft_size=size, formats=formats)
     return resize_array(image, size)
 
 
@@ -150,4 +180,4 @@ def resize_array(image: Image.Image, size: int) -> np.ndarray:
     """Resize an RGB image to ``size``×``size`` and return it as a uint8 HWC array."""
     if image.size != (size, size):
         image = image.resize((size, size), Image.BILINEAR, reducing_gap=None)
-    return np.asarray(image, dtype=np.uint8)
+    return np.array(image, dtype=np.uint8)  # a writable copy: torch.from_numpy warns on read-only arrays

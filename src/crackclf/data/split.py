@@ -11,11 +11,11 @@ import csv
 import io
 import random
 from collections import Counter, defaultdict
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from crackclf.data.inventory import NEAR_DUPLICATE_BITS, FileRecord, near_duplicate_pairs, phash_array
-from crackclf.utils import atomic_write_text, stable_hash
+from crackclf.utils import TEXT_ERRORS, atomic_write_text, stable_hash
 
 SPLITS = ("train", "val", "test")
 SPLIT_COLUMNS = ("path", "label", "group", "split", "md5")
@@ -32,20 +32,40 @@ class SplitRow:
 
 @dataclass
 class SplitSummary:
-    """What grouping did: how many images were merged into multi-image groups."""
+    """What grouping did: how many images were merged into multi-image groups, and how big the groups are."""
 
     images: int
     groups: int
     merged_groups: int
     merged_images: int
     counts: dict[str, dict[int, int]]
+    group_sizes: dict[int, int] = field(default_factory=dict)  # group size -> number of groups of that size
+
+    @property
+    def largest_group(self) -> int:
+        return max(self.group_sizes, default=0)
 
     def describe(self) -> str:
         parts = [f"{s}: " + ", ".join(f"class {k}={v}" for k, v in sorted(c.items())) for s, c in self.counts.items()]
+        sizes = ", ".join(f"{size}: {count}" for size, count in sorted(self.group_sizes.items()))
         return (
             f"{self.images} images in {self.groups} groups; {self.merged_groups} groups merge "
-            f"{self.merged_images} duplicate/near-duplicate images. " + "; ".join(parts)
+            f"{self.merged_images} duplicate/near-duplicate images (largest group {self.largest_group}). "
+            + "; ".join(parts) + f". Group sizes (size: groups): {sizes}"
         )
+
+
+def summarize(rows: list[SplitRow]) -> SplitSummary:
+    """Counts per split and class, and the group-size distribution, of a split (computed or read from a CSV)."""
+    sizes = Counter(row.group for row in rows if row.group >= 0)
+    ungrouped = sum(1 for row in rows if row.group < 0)  # e.g. a separate test folder: each image its own group
+    group_sizes = Counter(sizes.values())
+    if ungrouped:
+        group_sizes[1] += ungrouped
+    multi = [size for size in sizes.values() if size > 1]
+    counts = {s: dict(sorted(Counter(r.label for r in rows if r.split == s).items())) for s in SPLITS}
+    return SplitSummary(len(rows), len(sizes) + ungrouped, len(multi), sum(multi), counts,
+                        dict(sorted(group_sizes.items())))
 
 
 class _UnionFind:
@@ -115,10 +135,7 @@ def make_split(
     rows = [
         SplitRow(r.path, r.label, groups[i], assignment[groups[i]], r.md5) for i, r in enumerate(records)
     ]
-    counts = {s: dict(sorted(Counter(r.label for r in rows if r.split == s).items())) for s in SPLITS}
-    multi = [idx for idx in members.values() if len(idx) > 1]
-    summary = SplitSummary(len(rows), len(members), len(multi), sum(len(m) for m in multi), counts)
-    return rows, summary
+    return rows, summarize(rows)
 
 
 def split_key(records: list[FileRecord], val_fraction: float, test_fraction: float, seed: int, near_bits) -> str:
@@ -140,7 +157,7 @@ def write_split(path: Path, rows: list[SplitRow]) -> Path:
 
 def read_split(path: Path) -> list[SplitRow]:
     """Read a split CSV, checking its columns and split names."""
-    with open(path, newline="") as handle:
+    with open(path, newline="", encoding="utf-8", errors=TEXT_ERRORS) as handle:
         reader = csv.DictReader(handle)
         missing = {"path", "label", "split"} - set(reader.fieldnames or [])
         if missing:
@@ -152,3 +169,49 @@ def read_split(path: Path) -> list[SplitRow]:
             rows.append(SplitRow(row["path"], int(row["label"]), int(row.get("group") or -1), row["split"],
                                  row.get("md5", "")))
     return rows
+
+
+def align_split(rows: list[SplitRow], readable: list[FileRecord]) -> tuple[list[SplitRow], list[str]]:
+    """Keep the rows of a supplied split CSV that are readable images of the inventory, with their MD5 filled in.
+
+    Returns the kept rows and the paths dropped (not found, or unreadable), so the caller can name them.
+    """
+    by_path = {record.path: record for record in readable}
+    kept, dropped = [], []
+    for row in rows:
+        record = by_path.get(row.path)
+        if record is None:
+            dropped.append(row.path)
+        else:
+            kept.append(SplitRow(row.path, row.label, row.group, row.split, record.md5))
+    return kept, dropped
+
+
+def drop_test_overlap(
+    rows: list[SplitRow], readable: list[FileRecord], test_records: list[FileRecord], near_bits: int | None
+) -> tuple[list[SplitRow], int]:
+    """Remove train/val rows that are exact (MD5) or near (perceptual hash) copies of a separate test folder's images.
+
+    Returns the remaining rows and how many were removed; a copy of a test image in training would leak.
+    """
+    test_md5 = {record.md5 for record in test_records}
+    leaking = {row.path for row in rows if row.md5 in test_md5}
+    if near_bits is not None and test_records:
+        by_path = {record.path: record for record in readable}
+        candidates = [by_path[row.path] for row in rows if row.path in by_path]
+        hashes = phash_array(candidates + list(test_records))
+        for i, j in near_duplicate_pairs(hashes, near_bits):
+            if i < len(candidates) <= j:  # one side in train/val, the other in the test folder
+                leaking.add(candidates[i].path)
+    return [row for row in rows if row.path not in leaking], len(leaking)
+
+
+def straddling_groups(rows: list[SplitRow], readable: list[FileRecord], near_bits: int | None) -> int:
+    """How many duplicate groups (exact, and near within ``near_bits``) a given split puts in more than one split."""
+    by_path = {record.path: record for record in readable}
+    present = [row for row in rows if row.path in by_path]
+    groups = group_records([by_path[row.path] for row in present], near_bits)
+    splits_of: dict[int, set[str]] = defaultdict(set)
+    for group, row in zip(groups, present, strict=True):
+        splits_of[group].add(row.split)
+    return sum(1 for splits in splits_of.values() if len(splits) > 1)

@@ -148,7 +148,8 @@ def _load_local_weights(model: nn.Module, path: Path) -> None:
     usable = {k: v for k, v in state.items() if k in own and own[k].shape == v.shape}
     if len(usable) < len(own) // 2:
         raise BackboneError(
-            f"backbone.weights={str(path)!r} matches only {len(usable)} of {len(own)} tensors of {type(model).__name__};"
+            f"backbone.weights={str(path)!r} matches only {len(usable)} of {len(own)} tensors of "
+            f"{type(model).__name__};"
             " is it for another architecture?"
         )
     model.load_state_dict(usable, strict=False)

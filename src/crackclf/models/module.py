@@ -4,6 +4,7 @@ generalisation gap."""
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -85,6 +86,8 @@ class CrackClassifier(pl.LightningModule):
         self.last_val_acc: float | None = None
         self.history: list[dict[str, float]] = []  # per-epoch metrics, for plots without re-reading MLflow
         self.val_outputs: list[tuple[torch.Tensor, torch.Tensor]] = []
+        # Set again at each epoch start; here too, because a run resumed mid-epoch skips that hook.
+        self._train_started, self._train_images, self._train_elapsed = time.perf_counter(), 0, 0.0
 
     # ---------------------------------------------------------------------------------------------------- forward
     def forward(self, images: torch.Tensor) -> torch.Tensor:
@@ -101,6 +104,8 @@ class CrackClassifier(pl.LightningModule):
 
     # ---------------------------------------------------------------------------------------------------- train
     def on_train_epoch_start(self) -> None:
+        # Throughput clock: training batches only (validation runs before on_train_epoch_end, so it is excluded).
+        self._train_started, self._train_images, self._train_elapsed = time.perf_counter(), 0, 0.0
         if self.freeze_epochs:
             trainable = self.current_epoch >= self.freeze_epochs
             set_backbone_trainable(self.net.backbone, trainable)
@@ -110,17 +115,29 @@ class CrackClassifier(pl.LightningModule):
     def training_step(self, batch, batch_index: int) -> torch.Tensor:
         loss, probabilities, labels = self._step(batch)
         self.train_metrics.update(probabilities, labels)
-        self.log("train/loss", loss, on_step=False, on_epoch=True, prog_bar=True, batch_size=len(labels))
+        # sync_dist: under DDP every rank sees a shard; epoch values are averaged over ranks (no-op otherwise).
+        self.log("train/loss", loss, on_step=False, on_epoch=True, prog_bar=True, batch_size=len(labels),
+                 sync_dist=True)
+        self._train_images += len(labels)
         return loss
+
+    def on_train_batch_end(self, outputs, batch, batch_index: int) -> None:
+        self._train_elapsed = time.perf_counter() - self._train_started
 
     def on_train_epoch_end(self) -> None:
         values = self.train_metrics.compute()
         self.train_metrics.reset()
-        self.log_dict(values)
+        self.log_dict(values, sync_dist=True)
         if self.last_val_acc is not None:
             gap = float(values["train/acc"]) - self.last_val_acc
-            self.log("train/gap", gap)
+            self.log("train/gap", gap, sync_dist=True)
+        if self._train_elapsed > 0:  # summed over DDP ranks: the throughput of the whole job
+            self.log("train/images_per_s", self._train_images / self._train_elapsed, sync_dist=True, reduce_fx="sum")
         self._record_history()
+        latest = self.history[-1]
+        log.info("epoch %d: train/acc %.4f  val/acc %s  val/loss %s", self.current_epoch, latest.get("train/acc", 0),
+                 f"{latest['val/acc']:.4f}" if "val/acc" in latest else "-",
+                 f"{latest['val/loss']:.4f}" if "val/loss" in latest else "-")
 
     # ----------------------------------------------------------------------------------------------- validation
     def on_validation_epoch_start(self) -> None:
@@ -130,23 +147,27 @@ class CrackClassifier(pl.LightningModule):
         loss, probabilities, labels = self._step(batch)
         self.val_metrics.update(probabilities, labels)
         self.val_outputs.append((probabilities.cpu(), labels.cpu()))
-        self.log("val/loss", loss, on_step=False, on_epoch=True, prog_bar=True, batch_size=len(labels))
+        self.log("val/loss", loss, on_step=False, on_epoch=True, prog_bar=True, batch_size=len(labels),
+                 sync_dist=True)
 
     def on_validation_epoch_end(self) -> None:
         values = self.val_metrics.compute()
         self.val_metrics.reset()
         accuracy = values.pop("val/acc")
-        self.log("val/acc", accuracy, prog_bar=True)
-        self.log_dict(values)
+        self.log("val/acc", accuracy, prog_bar=True, sync_dist=True)
+        self.log_dict(values, sync_dist=True)
         if not self.trainer.sanity_checking:
             self.last_val_acc = float(accuracy)
             self.val_acc_best(accuracy)
-            self.log("val/acc_best", self.val_acc_best.compute())
+            self.log("val/acc_best", self.val_acc_best.compute(), sync_dist=True)
 
     def validation_probabilities(self) -> tuple[torch.Tensor, torch.Tensor]:
         """Crack probabilities and labels of the last validation pass."""
         probabilities = torch.cat([p for p, _ in self.val_outputs]) if self.val_outputs else torch.empty(0)
         labels = torch.cat([y for _, y in self.val_outputs]) if self.val_outputs else torch.empty(0)
+        if self.trainer is not None and self.trainer.world_size > 1:  # DDP: each rank holds only its shard
+            probabilities = self.all_gather(probabilities).flatten().cpu()
+            labels = self.all_gather(labels).flatten().cpu()
         return probabilities, labels
 
     # ---------------------------------------------------------------------------------------------------- test
@@ -156,12 +177,12 @@ class CrackClassifier(pl.LightningModule):
     def test_step(self, batch, batch_index: int) -> None:
         loss, probabilities, labels = self._step(batch)
         self.test_metrics.update(probabilities, labels)
-        self.log("test/loss", loss, on_step=False, on_epoch=True, batch_size=len(labels))
+        self.log("test/loss", loss, on_step=False, on_epoch=True, batch_size=len(labels), sync_dist=True)
 
     def on_test_epoch_end(self) -> None:
         values = self.test_metrics.compute()
         self.test_metrics.reset()
-        self.log_dict(values)
+        self.log_dict(values, sync_dist=True)
 
     # ------------------------------------------------------------------------------------------------ optimiser
     def configure_optimizers(self):
@@ -171,8 +192,23 @@ class CrackClassifier(pl.LightningModule):
         if _is_plateau(self.scheduler_factory):
             scheduler = self.scheduler_factory(optimizer=optimizer)
             return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "monitor": "val/loss"}}
-        scheduler = self.scheduler_factory(optimizer=optimizer, total_steps=int(self.trainer.estimated_stepping_batches))
+        total_steps = int(self.trainer.estimated_stepping_batches)
+        scheduler = self.scheduler_factory(optimizer=optimizer, total_steps=total_steps)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    # ------------------------------------------------------------------------------------------------- resuming
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Keep what is not in the state dict, so a resumed run has the whole history and the right best value."""
+        best = self.val_acc_best.max_value.item() if self.val_acc_best.update_count else None
+        checkpoint["crackclf_module"] = {"history": self.history, "last_val_acc": self.last_val_acc,
+                                         "val_acc_best": best}
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        state = checkpoint.get("crackclf_module")
+        if state:
+            self.history, self.last_val_acc = list(state["history"]), state["last_val_acc"]
+            if state["val_acc_best"] is not None:
+                self.val_acc_best.update(torch.tensor(state["val_acc_best"]))
 
     # ------------------------------------------------------------------------------------------------- helpers
     def _record_history(self) -> None:

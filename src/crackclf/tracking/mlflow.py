@@ -22,6 +22,8 @@ from crackclf.utils import repo_root
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
+# Model/artifact downloads draw their own progress bars otherwise, in the middle of crackclf's output.
+os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
 
 RUN_STATUSES = ("FINISHED", "FAILED", "KILLED")
 _PARAM_LIMIT = 6000  # MLflow's maximum length of a param value
@@ -42,10 +44,12 @@ def tracking_uri() -> str:
 
 
 def artifact_location(experiment_name: str) -> str | None:
-    """Artifacts of the default store go under ``mlruns/artifacts/<experiment>``; other stores decide."""
-    if os.environ.get("MLFLOW_TRACKING_URI"):
-        return None
+    """Artifacts of a SQLite store go beside its database, under ``artifacts/<experiment>`` (for the default store:
+    ``mlruns/artifacts/<experiment>``); other stores decide. Without this MLflow would put them in ``./mlruns`` of
+    whatever the working folder is, so an isolated store (tests, ``MLFLOW_TRACKING_URI``) would not be isolated."""
     uri = tracking_uri()
+    if not uri.startswith("sqlite:///"):
+        return None
     base = Path(uri.removeprefix("sqlite:///")).parent / "artifacts" / experiment_name
     return base.as_uri()
 
@@ -65,8 +69,32 @@ def with_retry(call: Callable[[], T], what: str, attempts: int = 8) -> T:
     raise AssertionError("unreachable")
 
 
+_PREPARED: set[str] = set()
+
+
 def client() -> MlflowClient:
-    return MlflowClient(tracking_uri=tracking_uri())
+    """A client of the store (created and migrated once per process, see :func:`prepare_store`)."""
+    uri = tracking_uri()
+    if uri not in _PREPARED:
+        prepare_store(uri)
+        _PREPARED.add(uri)
+    return MlflowClient(tracking_uri=uri)
+
+
+def prepare_store(uri: str) -> None:
+    """Create or upgrade a SQLite store's tables under a file lock beside the database.
+
+    Two trainings that open a new store at the same moment would otherwise both run MLflow's schema migrations,
+    and one of them fails (``CircularDependencyError``, ``table ... already exists``, ``database is locked``).
+    """
+    if not uri.startswith("sqlite:///"):
+        return
+    from filelock import FileLock
+
+    database = Path(uri.removeprefix("sqlite:///"))
+    database.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(f"{database}.lock"):
+        with_retry(lambda: MlflowClient(tracking_uri=uri).search_experiments(max_results=1), "open store")
 
 
 def get_or_create_experiment(name: str) -> str:
@@ -147,7 +175,17 @@ def log_artifact(run_id: str, path: Path | str, artifact_path: str | None = None
 
 
 def log_text(run_id: str, text: str, artifact_file: str) -> None:
-    with_retry(lambda: client().log_text(run_id, text, artifact_file), "log text")
+    # File names that are not valid UTF-8 (lone surrogates) would make MLflow's UTF-8 write fail: escape them.
+    safe = text.encode("utf-8", "backslashreplace").decode("utf-8")
+    with_retry(lambda: client().log_text(run_id, safe, artifact_file), "log text")
+
+
+def record_error(run_id: str, error: BaseException) -> None:
+    """Put an error on a run: an ``error`` tag (type and message) and the traceback as ``error/traceback.txt``."""
+    import traceback
+
+    set_tags(run_id, {"error": f"{type(error).__name__}: {error}"})
+    log_text(run_id, "".join(traceback.format_exception(error)), "error/traceback.txt")
 
 
 def metric_history(run_id: str, key: str) -> list[tuple[int, float]]:
@@ -164,3 +202,110 @@ def search_runs(experiment_names: Iterable[str], filter_string: str = "", max_re
     return with_retry(
         lambda: mlflow_client.search_runs(ids, filter_string=filter_string, max_results=max_results), "search runs"
     )
+
+
+def experiment_names() -> list[str]:
+    """Names of the experiments in the store (for "no such experiment" messages)."""
+    return sorted(e.name for e in with_retry(lambda: client().search_experiments(), "search experiments"))
+
+
+def get_run(run_id: str):
+    """The MLflow run (info, data: params/metrics/tags)."""
+    return with_retry(lambda: client().get_run(run_id), "get run")
+
+
+def experiment_name_of(run_id: str) -> str:
+    """The name of the experiment a run belongs to."""
+    experiment_id = get_run(run_id).info.experiment_id
+    return with_retry(lambda: client().get_experiment(experiment_id), "get experiment").name
+
+
+def download_artifact(run_id: str, artifact_path: str, dst: Path) -> Path:
+    """Download one artifact (file or folder) of a run into ``dst``; returns the local path."""
+    dst.mkdir(parents=True, exist_ok=True)
+    local = with_retry(lambda: client().download_artifacts(run_id, artifact_path, str(dst)), "download artifact")
+    return Path(local)
+
+
+def _use_store() -> None:
+    """Point MLflow's fluent API (needed for model logging/loading) at our store."""
+    import mlflow
+
+    mlflow.set_tracking_uri(tracking_uri())
+    mlflow.set_registry_uri(tracking_uri())
+
+
+def log_pytorch_model(run_id: str, model: Any, input_example: Any, metadata: Mapping[str, Any],
+                      registered_model_name: str | None = None, name: str = "model") -> tuple[str, str | None]:
+    """Log ``model`` with the MLflow PyTorch flavour (signature inferred from ``input_example``) to run ``run_id``.
+
+    With ``registered_model_name`` the model is also registered. Returns ``(model_uri, registered version)``.
+    Pip requirements are given explicitly: inferring them would re-load the model in a subprocess (slow).
+    """
+    import mlflow
+    import mlflow.pytorch
+    import torch
+    from mlflow.models import infer_signature
+
+    _use_store()
+    # The logged model belongs to the fluent "active" experiment, not to run_id's: point it at the run's, or its
+    # files land in experiment 0's default location (./mlruns/0 of the working folder).
+    mlflow.set_experiment(experiment_id=get_run(run_id).info.experiment_id)
+    with torch.no_grad():
+        output = model(torch.from_numpy(input_example)).softmax(dim=1).numpy()
+    signature = infer_signature(input_example, output)
+    requirements = [f"torch=={torch.__version__.split('+')[0]}", "timm", "crackclf"]
+    # MLflow warns that pickle is unsafe on every call; the choice is deliberate (see serialization_format below).
+    logging.getLogger("mlflow.pytorch").setLevel(logging.ERROR)
+    info = with_retry(lambda: mlflow.pytorch.log_model(
+        model, name=name, signature=signature, input_example=input_example, metadata=dict(metadata),
+        pip_requirements=requirements, registered_model_name=registered_model_name, run_id=run_id,
+        serialization_format="pickle",  # keeps the module structure (Grad-CAM needs layers, not an exported graph)
+    ), "log model")
+    version = getattr(info, "registered_model_version", None)
+    return info.model_uri, (str(version) if version is not None else None)
+
+
+def load_pytorch_model(model_uri: str) -> tuple[Any, dict[str, Any]]:
+    """Load a model logged with the PyTorch flavour (``models:/name/version``, ``runs:/id/model``, ...).
+
+    Returns ``(torch module, MLflow model metadata)``.
+    """
+    import tempfile
+
+    import mlflow.artifacts
+    import mlflow.pytorch
+    from mlflow.models import Model
+
+    _use_store()
+    with tempfile.TemporaryDirectory(prefix="crackclf-mlflow-model-") as tmp:
+        local = with_retry(lambda: mlflow.artifacts.download_artifacts(artifact_uri=model_uri, dst_path=tmp),
+                           "download model")
+        metadata = Model.load(local).metadata or {}
+        module = mlflow.pytorch.load_model(local, map_location="cpu", weights_only=False)
+    return module, metadata
+
+
+def latest_model_version(name: str) -> str | None:
+    """The highest registered version of model ``name`` (``None`` when it is not registered)."""
+    versions = with_retry(lambda: client().search_model_versions(f"name='{name}'"), "search model versions")
+    return max((v.version for v in versions), key=int, default=None)
+
+
+def reopen_run(run_id: str) -> None:
+    """Mark a KILLED/FAILED run RUNNING again, so a resumed training continues in it (same run id)."""
+    with_retry(lambda: client().update_run(run_id, status="RUNNING"), "reopen run")
+
+
+def log_metric_rows(run_id: str, rows: Iterable[tuple[str, float, int, int]]) -> None:
+    """Log ``(key, value, timestamp_ms, step)`` rows as they were recorded, 1000 per request (MLflow's limit)."""
+    metrics = [Metric(key, float(value), int(timestamp), int(step)) for key, value, timestamp, step in rows]
+    for start in range(0, len(metrics), 1000):
+        batch = metrics[start : start + 1000]
+        with_retry(lambda b=batch: client().log_batch(run_id, metrics=b), "log metrics")
+
+
+def metric_points(run_id: str) -> set[tuple[str, int, float]]:
+    """Every ``(key, step, value)`` point logged to a run (all keys, whole history)."""
+    keys = list(get_run(run_id).data.metrics)
+    return {(key, step, value) for key in keys for step, value in metric_history(run_id, key)}

@@ -1,0 +1,115 @@
+"""Inference benchmark: eager PyTorch vs ONNX Runtime (batch 1 and 32), and ``predict`` end to end on a folder vs
+the bare JPEG decode+resize rate of the same files (the ceiling), in one run.
+
+    make bench-infer                                   # default backbone, untrained weights, 10k shared images
+    .venv/bin/python scripts/bench_infer.py --model runs:/<id> --data ../shared/data/concrete_crack --images 10000
+
+Throughput does not depend on the weights, so without ``--model`` an untrained bundle of the default backbone
+(conf/backbone/resnet10t.yaml, 64 px, as conf/data/concrete_crack.yaml) is measured. Every rate is images/s.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from crackclf.data.images import IMAGE_EXTENSIONS, load_resized
+from crackclf.inference.bundle import BundleInfo, LoadedModel, build_network, load_model
+from crackclf.inference.predictor import Predictor
+from crackclf.models.backbone import IMAGENET_MEAN, IMAGENET_STD
+from crackclf.utils import repo_root, worker_count
+
+
+def default_model(backbone: str = "resnet10t", size: int = 64) -> LoadedModel:
+    info = BundleInfo(backbone, size, IMAGENET_MEAN, IMAGENET_STD, tile_size=227)
+    return LoadedModel(info, f"untrained:{backbone}@{size}px", network=build_network(info).eval())
+
+
+def rate(call, images_per_call: int, min_seconds: float = 3.0, warmup: int = 3) -> float:
+    """Images/s of ``call`` repeated for at least ``min_seconds`` after ``warmup`` calls."""
+    for _ in range(warmup):
+        call()
+    calls, started = 0, time.perf_counter()
+    while (elapsed := time.perf_counter() - started) < min_seconds or calls < 5:
+        call()
+        calls += 1
+    return calls * images_per_call / elapsed
+
+
+def list_images(folder: Path, count: int) -> list[str]:
+    files = sorted(str(p) for p in folder.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS)
+    step = max(1, len(files) // count)  # spread over the class folders
+    return files[::step][:count]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default=None, help="a model source (default: untrained default backbone)")
+    parser.add_argument("--data", type=Path, default=repo_root().parent / "shared" / "data" / "concrete_crack")
+    parser.add_argument("--images", type=int, default=10_000, help="files for the end-to-end comparison")
+    parser.add_argument("--seconds", type=float, default=3.0, help="minimum time per model measurement")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="model intra-op threads (Predictor threads=; default: the library defaults)")
+    parser.add_argument("--out", type=Path, default=None, help="also write the results as JSON here")
+    args = parser.parse_args()
+
+    model = load_model(args.model) if args.model else default_model()
+    size = model.info.image_size
+    results: dict = {"model": model.model_id, "backbone": model.info.backbone, "image_size": size,
+                     "cores": worker_count(), "model_threads": args.threads or "default",
+                     "cpu": platform.processor() or platform.machine()}
+    print(f"model {model.model_id} ({model.info.backbone}, {size} px), {worker_count()} usable cores")
+
+    rng = np.random.default_rng(0)
+    batch32 = rng.integers(0, 256, (32, size, size, 3), dtype=np.uint8)
+    eager = Predictor(model, backend="torch", threads=args.threads)
+    onnx = Predictor(model, backend="onnx", threads=args.threads)
+    for batch in (1, 32):
+        images = batch32[:batch]
+        for name, predictor in (("eager", eager), ("onnxruntime", onnx)):
+            value = rate(lambda p=predictor, x=images: p.predict_arrays(x), batch, args.seconds)
+            results[f"{name}_batch{batch}"] = round(value, 1)
+        speedup = results[f"onnxruntime_batch{batch}"] / results[f"eager_batch{batch}"]
+        results[f"onnx_speedup_batch{batch}"] = round(speedup, 2)
+        print(f"batch {batch:>2}: eager {results[f'eager_batch{batch}']:>8.1f} img/s   onnxruntime "
+              f"{results[f'onnxruntime_batch{batch}']:>8.1f} img/s   ({speedup:.2f}x)")
+
+    files = list_images(args.data, args.images)
+    if not files:
+        raise SystemExit(f"no images under {args.data}; pass --data <folder>")
+    for path in files:  # read every file once so that no measurement pays for the first disk read
+        with open(path, "rb") as stream:
+            stream.read()
+    results["files"] = len(files)
+    results["torch_threads"] = torch.get_num_threads()
+    with ThreadPoolExecutor(worker_count()) as pool:
+        started = time.perf_counter()
+        for _ in pool.map(lambda f: load_resized(f, size), files, chunksize=64):
+            pass
+        results["bare_decode_resize"] = round(len(files) / (time.perf_counter() - started), 1)
+    print(f"bare decode+resize ({worker_count()} threads, {len(files)} files): "
+          f"{results['bare_decode_resize']:.1f} img/s")
+    for name, backend in (("predict_torch", "torch"), ("predict_onnx", "onnx")):
+        predictor = eager if backend == "torch" else onnx
+        started = time.perf_counter()
+        count = sum(1 for p in predictor.predict_sources(files) if p.ok)
+        value = count / (time.perf_counter() - started)
+        results[name] = round(value, 1)
+        results[f"{name}_vs_decode"] = round(value / results["bare_decode_resize"], 3)
+        print(f"predict end to end, {backend:>5} backend: {value:.1f} img/s = "
+              f"{results[f'{name}_vs_decode']:.2f} x the bare decode rate")
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(results, indent=2) + "\n")
+        print(f"written: {args.out}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,87 @@
+"""Train a recipe from a cold start (cache build included) and report wall time and accuracy, as JSON + a table.
+
+    python scripts/bench_recipe.py --data ../shared/data/concrete_crack [--runs 3] [--] [extra overrides]
+
+Each run uses a fresh cache folder and a fresh MLflow store, so nothing is reused between runs; the figures are read
+back from the run's MLflow record. With several runs the median of each figure is printed too.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from mlflow.tracking import MlflowClient
+
+REPO = Path(__file__).resolve().parents[1]
+FIELDS = ("wall_s", "epochs", "best_val_acc", "test_acc", "test_f1", "test_auroc", "train_val_gap")
+
+
+def run_once(data: Path, overrides: list[str], work: Path) -> dict:
+    uri = f"sqlite:///{work / 'mlflow.db'}"
+    env = {**os.environ, "MLFLOW_TRACKING_URI": uri, "CRACKCLF_CACHE": str(work / "cache")}
+    command = [sys.executable, str(REPO / "train.py"), f"data.root={data}", "data.progress=false",
+               "callbacks.progress_bar.refresh_rate=0", f"hydra.run.dir={work / 'run'}", *overrides]
+    started = time.perf_counter()
+    result = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True)
+    wall = time.perf_counter() - started
+    if result.returncode != 0:
+        raise SystemExit(f"training failed ({result.returncode}):\n{result.stderr[-4000:]}")
+    client = MlflowClient(uri)
+    experiment = client.get_experiment_by_name("crack")
+    run = client.search_runs([experiment.experiment_id])[0]  # a fresh store holds exactly this run
+    metrics = run.data.metrics
+    val_history = client.get_metric_history(run.info.run_id, "val/acc")
+    return {
+        "wall_s": round(wall, 1),
+        "epochs": len(val_history),
+        "best_val_acc": max(m.value for m in val_history),
+        "test_acc": metrics.get("test/acc"),
+        "test_f1": metrics.get("test/f1"),
+        "test_auroc": metrics.get("test/auroc"),
+        "train_val_gap": metrics.get("train/gap"),
+        "early_stopped": len(val_history) < int(run.data.params.get("trainer.max_epochs", 0) or 0),
+        "run_id": run.info.run_id,
+        "cores": len(os.sched_getaffinity(0)),
+        "overrides": overrides,
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--data", type=Path, default=REPO.parent / "shared" / "data" / "concrete_crack")
+    parser.add_argument("--runs", type=int, default=1)
+    parser.add_argument("--out", type=Path, default=REPO / "bench" / "recipe.jsonl")
+    parser.add_argument("overrides", nargs="*", help="extra train.py overrides (default recipe when empty)")
+    args = parser.parse_args()
+    if not (args.data / "Positive").is_dir():
+        raise SystemExit(f"--data {args.data}: no Positive/ folder there; point it at the concrete crack data set")
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    results = []
+    for index in range(args.runs):
+        with tempfile.TemporaryDirectory(prefix="crackclf-bench-") as work:
+            result = run_once(args.data.resolve(), args.overrides, Path(work))
+        results.append(result)
+        line = json.dumps(result)
+        print(line, flush=True)
+        with open(args.out, "a") as handle:
+            handle.write(line + "\n")
+        print(f"run {index + 1}/{args.runs}: " + "  ".join(f"{k}={result[k]}" for k in FIELDS), flush=True)
+    if len(results) > 1:
+        median = {k: statistics.median(r[k] for r in results if r[k] is not None) for k in FIELDS}
+        print(json.dumps({"median": median, "runs": len(results)}))
+    header = "| run | " + " | ".join(FIELDS) + " |"
+    print("\n" + header + "\n|" + "---|" * (len(FIELDS) + 1))
+    for index, result in enumerate(results, 1):
+        print(f"| {index} | " + " | ".join(str(result[k]) for k in FIELDS) + " |")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,230 @@
+"""Load benchmark of ``crackclf serve``: a bounded burst of ``POST /predict`` requests with one 227 px image each.
+
+    make bench-serve MODEL=outputs/.../checkpoints/best.ckpt
+    .venv/bin/python scripts/bench_serve.py --model runs:/<id> --requests 2000 --concurrency 8
+
+It starts the server itself on 127.0.0.1 (a free port; never another host), waits for ``/healthz``, sends a warm-up,
+then ``--requests`` requests from ``--concurrency`` keep-alive connections (real images of the shared data set,
+round-robin), stops the server, and reports p50/p90/p99 latency, throughput, errors by kind and the server's resident
+memory before and after the load, as a table and as JSON (``--out``). It stops by itself: after the last request, or
+at ``--timeout`` seconds.
+"""
+
+from __future__ import annotations
+
+import argparse
+import http.client
+import io
+import json
+import os
+import platform
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+
+from crackclf.data.images import IMAGE_EXTENSIONS
+from crackclf.utils import atomic_write_text, repo_root, worker_count
+
+HOST = "127.0.0.1"  # the benchmark never targets another machine
+BOUNDARY = "crackclf-bench-boundary"
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind((HOST, 0))
+        return sock.getsockname()[1]
+
+
+def rss_mb(pid: int) -> float:
+    """Resident memory of a process in MiB (Linux /proc)."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of a process and all its threads (Linux /proc)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def sample_images(data: Path, count: int) -> list[tuple[str, bytes]]:
+    """``count`` real images spread over the class folders, or generated 227 px JPEGs when ``data`` is absent."""
+    files = sorted(p for p in data.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS) if data.is_dir() else []
+    if files:
+        step = max(1, len(files) // count)
+        return [(p.name, p.read_bytes()) for p in files[::step][:count]]
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    images = []
+    for index in range(count):
+        buffer = io.BytesIO()
+        pixels = np.clip(rng.normal(170, 15, (227, 227, 3)), 0, 255).astype(np.uint8)
+        Image.fromarray(pixels).save(buffer, "JPEG", quality=90)
+        images.append((f"generated-{index}.jpg", buffer.getvalue()))
+    return images
+
+
+def multipart(name: str, data: bytes) -> bytes:
+    head = (f'--{BOUNDARY}\r\nContent-Disposition: form-data; name="files"; filename="{name}"\r\n'
+            "Content-Type: image/jpeg\r\n\r\n").encode()
+    return head + data + f"\r\n--{BOUNDARY}--\r\n".encode()
+
+
+def request(connection: http.client.HTTPConnection, body: bytes) -> tuple[int, bytes]:
+    connection.request("POST", "/predict", body, {"Content-Type": f"multipart/form-data; boundary={BOUNDARY}"})
+    response = connection.getresponse()
+    return response.status, response.read()
+
+
+def wait_healthy(port: int, process: subprocess.Popen, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise SystemExit(f"the server exited with status {process.returncode} before answering /healthz "
+                             "(its messages are above).")
+        try:
+            connection = http.client.HTTPConnection(HOST, port, timeout=2)
+            connection.request("GET", "/healthz")
+            if connection.getresponse().status == 200:
+                return
+        except OSError:
+            pass
+        time.sleep(0.2)
+    raise SystemExit(f"the server did not answer /healthz within {timeout:.0f} s.")
+
+
+def run_load(port: int, bodies: list[bytes], requests: int, concurrency: int, deadline: float
+             ) -> tuple[list[float], Counter, float]:
+    """Send ``requests`` requests from ``concurrency`` threads; returns latencies (s), errors by kind, wall time."""
+    latencies: list[float] = []
+    errors: Counter = Counter()
+    lock = threading.Lock()
+    issued = iter(range(requests))
+
+    def client() -> None:
+        connection = http.client.HTTPConnection(HOST, port, timeout=30)
+        while time.monotonic() < deadline:
+            with lock:
+                index = next(issued, None)
+            if index is None:
+                break
+            started = time.perf_counter()
+            try:
+                status, _ = request(connection, bodies[index % len(bodies)])
+            except (OSError, http.client.HTTPException) as error:
+                elapsed = time.perf_counter() - started
+                with lock:
+                    errors[type(error).__name__] += 1
+                    latencies.append(elapsed)
+                connection.close()
+                connection = http.client.HTTPConnection(HOST, port, timeout=30)
+                continue
+            elapsed = time.perf_counter() - started
+            with lock:
+                latencies.append(elapsed)
+                if status != 200:
+                    errors[f"HTTP {status}"] += 1
+        connection.close()
+
+    threads = [threading.Thread(target=client, daemon=True) for _ in range(concurrency)]
+    started = time.perf_counter()
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(max(0.0, deadline - time.monotonic()) + 5)
+    return latencies, errors, time.perf_counter() - started
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", required=True, help="a .ckpt or .onnx file, runs:/<run_id> or models:/<name>/<v>")
+    parser.add_argument("--data", type=Path, default=repo_root().parent / "shared" / "data" / "concrete_crack",
+                        help="images to send (default: the shared data set; generated images when absent)")
+    parser.add_argument("--requests", type=int, default=2000)
+    parser.add_argument("--concurrency", type=int, default=8)
+    parser.add_argument("--warmup", type=int, default=100, help="requests sent before measuring (default 100)")
+    parser.add_argument("--images", type=int, default=200, help="distinct images sent round-robin (default 200)")
+    parser.add_argument("--timeout", type=float, default=600, help="stop everything after this many seconds")
+    parser.add_argument("--out", type=Path, default=repo_root() / "bench" / "bench_serve.json")
+    parser.add_argument("serve_args", nargs="*", default=[],
+                        help="extra `crackclf serve` options after --, e.g. -- --backend torch --workers 2")
+    args = parser.parse_args()
+    if args.requests < 1 or args.concurrency < 1:
+        parser.error("--requests and --concurrency must be >= 1")
+    started_at = time.monotonic()
+    deadline = started_at + args.timeout
+
+    images = sample_images(args.data, args.images)
+    bodies = [multipart(name, data) for name, data in images]
+    port = free_port()
+    command = [sys.executable, "-m", "crackclf.cli", "serve", "--model", args.model, "--host", HOST, "--port",
+               str(port), "--log-level", "warning", "--no-access-log", *args.serve_args]
+    print("server:", " ".join(command), file=sys.stderr)
+    process = subprocess.Popen(command, cwd=repo_root(), start_new_session=True)
+    try:
+        wait_healthy(port, process, timeout=min(300.0, args.timeout))
+        rss_start = rss_mb(process.pid)
+        run_load(port, bodies, args.warmup, args.concurrency, deadline)
+        rss_before, cpu_before = rss_mb(process.pid), cpu_seconds(process.pid)
+        latencies, errors, wall = run_load(port, bodies, args.requests, args.concurrency, deadline)
+        rss_after, cpu_used = rss_mb(process.pid), cpu_seconds(process.pid) - cpu_before
+        connection = http.client.HTTPConnection(HOST, port, timeout=10)
+        connection.request("GET", "/model")
+        model = json.loads(connection.getresponse().read())
+    finally:
+        os.killpg(process.pid, signal.SIGTERM)  # the server runs in its own session: nothing else is signalled
+        try:
+            process.wait(15)
+        except subprocess.TimeoutExpired:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait()
+
+    done = len(latencies)
+    ms = np.array(latencies) * 1000 if latencies else np.zeros(1)
+    result = {
+        "endpoint": "POST /predict (1 image per request)",
+        "model": args.model, "backbone": model.get("backbone"), "image_size": model.get("image_size"),
+        "backend": model.get("backend"), "serve_args": args.serve_args,
+        "image_bytes_mean": round(float(np.mean([len(d) for _, d in images]))),
+        "requests": done, "requested": args.requests, "concurrency": args.concurrency,
+        "errors": sum(errors.values()) + (args.requests - done), "errors_by_kind": dict(errors),
+        "latency_ms": {"p50": round(float(np.percentile(ms, 50)), 2), "p90": round(float(np.percentile(ms, 90)), 2),
+                       "p99": round(float(np.percentile(ms, 99)), 2), "mean": round(float(ms.mean()), 2),
+                       "max": round(float(ms.max()), 2)},
+        "throughput_rps": round(done / wall, 1) if wall > 0 else None, "wall_s": round(wall, 2),
+        # CPU time the server spent per request: unlike latency, it hardly depends on what else the machine runs
+        "server_cpu_ms_per_request": round(1000 * cpu_used / max(done, 1), 3),
+        "server_rss_mb": {"started": round(rss_start, 1), "before_load": round(rss_before, 1),
+                          "after_load": round(rss_after, 1)},
+        "cpus": worker_count(), "load_average": list(os.getloadavg()), "python": platform.python_version(),
+        "machine": platform.machine(),
+    }
+    atomic_write_text(args.out, json.dumps(result, indent=2) + "\n")
+    latency = result["latency_ms"]
+    rows = [("requests", f"{done} ({args.concurrency} concurrent)"), ("errors", str(result["errors"])),
+            ("p50 / p90 / p99 latency", f"{latency['p50']} / {latency['p90']} / {latency['p99']} ms"),
+            ("mean / max latency", f"{latency['mean']} / {latency['max']} ms"),
+            ("throughput", f"{result['throughput_rps']} requests/s"),
+            ("server CPU time per request", f"{result['server_cpu_ms_per_request']} ms"),
+            ("server RSS before → after", f"{rss_before:.0f} → {rss_after:.0f} MiB"),
+            ("model", f"{result['backbone']} {result['image_size']} px, {result['backend']} backend"),
+            ("CPUs / load average", f"{result['cpus']} / {result['load_average'][0]:.1f}")]
+    print("| metric | value |\n| --- | --- |")
+    for name, value in rows:
+        print(f"| {name} | {value} |")
+    print(f"written: {args.out}", file=sys.stderr)
+    return 0 if result["errors"] == 0 else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,117 @@
+"""Shared fixtures: generated crack/no-crack image folders, the shared real data, isolated MLflow stores."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image, ImageDraw
+
+# Sleep, not spin, while waiting at OpenMP barriers: test processes share 2 cores, and spinning torch threads of
+# concurrent processes slow each other down by an order of magnitude.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED_DATA = Path(os.environ.get("CRACKCLF_SHARED_DATA", REPO.parent / "shared" / "data" / "concrete_crack"))
+
+
+def make_concrete(rng: np.random.Generator, size: int = 96, crack: bool = False) -> Image.Image:
+    """A synthetic grey concrete texture; with ``crack=True`` a dark, jagged line crosses it."""
+    base = rng.integers(150, 200)
+    noise = rng.normal(0, 12, (size, size, 1))
+    tint = rng.normal(0, 4, (1, 1, 3))
+    pixels = np.clip(base + noise + tint, 0, 255).astype(np.uint8)
+    image = Image.fromarray(pixels, "RGB")
+    if crack:
+        draw = ImageDraw.Draw(image)
+        x, y = rng.integers(0, size), 0
+        points = [(x, y)]
+        while y < size:
+            x = int(np.clip(x + rng.integers(-6, 7), 0, size - 1))
+            y += int(rng.integers(4, 10))
+            points.append((x, y))
+        draw.line(points, fill=(int(base * 0.3),) * 3, width=int(rng.integers(2, 5)))
+    return image
+
+
+def write_dataset(root: Path, per_class: int = 40, size: int = 96, seed: int = 0,
+                  class_dirs: tuple[str, str] = ("Negative", "Positive")) -> Path:
+    """Write a two-class JPEG folder tree like the Özgenel data set."""
+    rng = np.random.default_rng(seed)
+    for label, class_dir in enumerate(class_dirs):
+        folder = root / class_dir
+        folder.mkdir(parents=True, exist_ok=True)
+        for index in range(per_class):
+            make_concrete(rng, size, crack=bool(label)).save(folder / f"{index:05d}.jpg", quality=90)
+    return root
+
+
+@pytest.fixture(scope="session")
+def tiny_dataset(tmp_path_factory) -> Path:
+    """40 + 40 generated 96 px JPEGs in Negative/ and Positive/ (session-wide, read-only by convention)."""
+    return write_dataset(tmp_path_factory.mktemp("tiny_dataset"))
+
+
+@pytest.fixture
+def shared_data() -> Path:
+    """The real Özgenel subset in ../shared (skips the test when absent, e.g. on a fresh clone)."""
+    if not (SHARED_DATA / "Positive").is_dir():
+        pytest.skip(f"real data not found at {SHARED_DATA}")
+    return SHARED_DATA
+
+
+@pytest.fixture
+def mlflow_uri(tmp_path, monkeypatch) -> str:
+    """An isolated SQLite MLflow store for one test (also seen by subprocesses through the environment)."""
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    return uri
+
+
+@pytest.fixture
+def cache_dir(tmp_path, monkeypatch) -> Path:
+    """An isolated inventory/split/image cache (``paths.cache_dir`` reads ``CRACKCLF_CACHE``)."""
+    path = tmp_path / "cache"
+    monkeypatch.setenv("CRACKCLF_CACHE", str(path))
+    return path
+
+
+def run_train(*overrides: str, cwd: Path | None = None, timeout: float = 600, env: dict | None = None
+              ) -> subprocess.CompletedProcess:
+    """Run ``python train.py`` as a user would, from the repository root unless ``cwd`` is given."""
+    full_env = {**os.environ, **(env or {})}
+    full_env.setdefault("PYTHONUNBUFFERED", "1")
+    return subprocess.run(
+        [sys.executable, str(REPO / "train.py"), *overrides], cwd=cwd or REPO, env=full_env,
+        capture_output=True, text=True, timeout=timeout,
+    )
+
+
+def run_cli(*args: str, cwd: Path | None = None, timeout: float = 600, env: dict | None = None
+            ) -> subprocess.CompletedProcess:
+    """Run ``crackclf ARGS...`` as a user would (``python -m crackclf.cli``), from the repository root by default."""
+    return subprocess.run(
+        [sys.executable, "-m", "crackclf.cli", *args], cwd=cwd or REPO, env={**os.environ, **(env or {})},
+        capture_output=True, text=True, timeout=timeout,
+    )
+
+
+@pytest.fixture(scope="session")
+def bad_corpus(tmp_path_factory) -> list:
+    """The bad-input corpus of tests/corpus.py in its own folder (session-wide, read-only by convention)."""
+    from tests.corpus import make_corpus
+
+    return make_corpus(tmp_path_factory.mktemp("bad_corpus"))
+
+
+@pytest.fixture(scope="session")
+def corpus_dataset(tmp_path_factory) -> tuple[Path, list]:
+    """A 30 + 30 image class tree whose Positive/ also holds the whole bad-input corpus: (root, corpus items)."""
+    from tests.corpus import install_corpus
+
+    root = write_dataset(tmp_path_factory.mktemp("corpus_dataset"), per_class=30, seed=3)
+    return root, install_corpus(root, "Positive")

@@ -1,0 +1,270 @@
+"""Model deployment on a tiny model trained here: loading from every source, predict/evaluate/export/explain as a
+user runs them, bad inputs, threshold override and flip TTA."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pytest
+from mlflow.tracking import MlflowClient
+from PIL import Image
+
+from crackclf.data.images import describe_source, load_resized
+from crackclf.inference.bundle import BundleError, load_model
+from crackclf.inference.predictor import Predictor
+from tests.conftest import REPO, write_dataset
+from tests.corpus import invalid_items, valid_items
+
+
+@dataclass
+class TinyModel:
+    checkpoint: Path
+    run_id: str
+    uri: str  # the isolated MLflow store it was logged and registered in
+    heldout: Path  # a labelled folder the model never saw
+
+
+def train_in_process(data: Path, root: Path, *overrides: str) -> None:
+    """``python train.py`` composed and run inside this process (no interpreter start-up: keeps the tests fast)."""
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+
+    from crackclf.train import run
+
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
+        cfg = compose("train", overrides=[
+            f"data.root={data}", "data.progress=false", "callbacks.progress_bar=null",
+            "+trainer.enable_progress_bar=false", f"paths.output_dir={root / 'run'}", f"paths.root_dir={root}",
+            *overrides,
+        ])
+    run(cfg)
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tiny_dataset, tmp_path_factory) -> TinyModel:
+    """One short training run on the generated folder, logged and registered (register=true) in its own store."""
+    root = tmp_path_factory.mktemp("tiny_model")
+    uri = f"sqlite:///{root / 'mlflow.db'}"
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("MLFLOW_TRACKING_URI", uri)
+        patch.setenv("CRACKCLF_CACHE", str(root / "cache"))
+        train_in_process(tiny_dataset, root, "backbone=resnet10t", "data.image_size=32", "trainer.max_epochs=1",
+                         "register=true",
+                         "registered_model_name=tiny")
+    client = MlflowClient(uri)
+    (run,) = client.search_runs([client.get_experiment_by_name("crack").experiment_id])
+    heldout = write_dataset(root / "heldout", per_class=12, seed=11)
+    return TinyModel(root / "run" / "checkpoints" / "best.ckpt", run.info.run_id, uri, heldout)
+
+
+@pytest.fixture
+def store(tiny_model, monkeypatch) -> str:
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", tiny_model.uri)
+    return tiny_model.uri
+
+
+def cli(*args: str, uri: str | None = None, timeout: float = 300) -> subprocess.CompletedProcess:
+    """``crackclf ...`` in a fresh process, as a user runs it."""
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", **({"MLFLOW_TRACKING_URI": uri} if uri else {})}
+    return subprocess.run([sys.executable, "-m", "crackclf.cli", *args], cwd=REPO, env=env, capture_output=True,
+                          text=True, timeout=timeout)
+
+
+def heldout_files(folder: Path) -> list[Path]:
+    return sorted(folder.rglob("*.jpg"))
+
+
+# ------------------------------------------------------------------------------------------------------ loading
+def test_every_model_source_gives_the_same_model(tiny_model, store, tmp_path):
+    files = heldout_files(tiny_model.heldout)
+    reference = load_model(tiny_model.checkpoint)
+    assert reference.info.run_id == tiny_model.run_id and reference.info.image_size == 32
+    assert reference.info.tile_size == 96  # the generated images are 96x96: the window for whole photos
+    expected = Predictor(reference).predict_arrays([load_resized(f, 32) for f in files])
+
+    from crackclf.inference.bundle import save_onnx
+
+    save_onnx(reference.network, reference.info, tmp_path / "tiny.onnx")
+    sources = {f"runs:/{tiny_model.run_id}": f"runs:/{tiny_model.run_id}", "models:/tiny/1": "models:/tiny/1",
+               str(tmp_path / "tiny.onnx"): str((tmp_path / "tiny.onnx").resolve())}
+    for source, model_id in sources.items():
+        predictor = Predictor.load(source)
+        assert predictor.model_id == model_id
+        assert predictor.info.to_dict() == reference.info.to_dict(), source
+        assert predictor.backend == ("onnx" if source.endswith(".onnx") else "torch")
+        got = np.array([p.probability for p in predictor.predict_sources(files)])
+        np.testing.assert_allclose(got, expected, atol=1e-5, err_msg=source)
+
+
+def test_registered_model_has_signature_example_and_bundle(tiny_model, store):
+    client = MlflowClient(store)
+    version = client.get_model_version("tiny", "1")
+    assert version.run_id == tiny_model.run_id
+    import mlflow.artifacts
+    from mlflow.models import Model
+
+    local = mlflow.artifacts.download_artifacts(artifact_uri="models:/tiny/1", tracking_uri=store)
+    model = Model.load(local)
+    assert model.signature is not None and model.saved_input_example_info is not None
+    assert json.loads(model.metadata["crackclf"])["backbone"] == "resnet10t"
+
+
+@pytest.mark.parametrize("source, message", [
+    ("runs:/0123456789abcdef", "cannot download"), ("models:/nope/3", "cannot load it from the registry"),
+    ("missing.ckpt", "no such file"), ("README.md", "not a readable checkpoint"),
+])
+def test_bad_model_sources_say_what_to_do(store, source, message):
+    with pytest.raises(BundleError, match=message):
+        load_model(REPO / source if source.endswith((".ckpt", ".md")) else source)
+
+
+# ------------------------------------------------------------------------------------------------------ predict
+def test_predict_cli_handles_the_bad_input_corpus(tiny_model, bad_corpus, tmp_path):
+    folder = bad_corpus[0].path.parent
+    out = tmp_path / "predictions.json"
+    result = cli("predict", "--model", str(tiny_model.checkpoint), str(folder), str(folder / "*.jpg"),
+                 str(tmp_path / "no_such.png"), str(tmp_path / "empty_dir"), "--out", str(out), "--no-progress")
+    assert result.returncode == 1, result.stderr[-2000:]  # some inputs failed
+    rows = json.loads(out.read_text())
+    by_path: dict[str, list[dict]] = {}
+    for row in rows:
+        by_path.setdefault(row["path"], []).append(row)
+    for item in valid_items(bad_corpus):
+        for row in by_path[describe_source(item.path)]:
+            assert row["error"] == "" and 0 <= row["probability"] <= 1 and row["label"] in ("no_crack", "crack")
+            assert row["model_id"] == str(tiny_model.checkpoint.resolve())
+    image_suffixed = [i for i in invalid_items(bad_corpus) if i.name != "directory"]  # folders are walked, not read
+    for item in image_suffixed:
+        if item.path.suffix.lower() in (".jpg", ".png") and os.path.lexists(item.path):
+            (row, *_) = by_path[describe_source(item.path)]
+            assert item.reason in row["error"] and row["probability"] == "", row
+            assert f"cannot use {describe_source(item.path)}: " in result.stderr
+    assert "file not found" in by_path[str(tmp_path / "no_such.png")][0]["error"]
+    # Every listed file is predicted or listed with a reason: nothing silently dropped.
+    assert "predicted" in result.stderr and "failed" in result.stderr
+
+
+def crackclf(capsys, *args: str) -> tuple[int, str, str]:
+    """``crackclf ...`` through the CLI entry point in this process (the subprocess path is covered by the
+    predict test above and tests/e2e); returns (exit code, stdout, stderr)."""
+    from crackclf.cli import main
+
+    capsys.readouterr()
+    code = main(list(args))
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+def test_predictions_csv_agree_with_evaluate(tiny_model, store, tmp_path, capsys):
+    model = f"runs:/{tiny_model.run_id}"
+    code, out, err = crackclf(capsys, "evaluate", "--model", model, "--data", str(tiny_model.heldout), "--out",
+                              str(tmp_path / "eval"), "--no-progress")
+    assert code == 0, err
+    metrics = json.loads((tmp_path / "eval" / "metrics.json").read_text())
+    code, _, err = crackclf(capsys, "predict", "--model", model, str(tiny_model.heldout), "--out",
+                            str(tmp_path / "p.csv"), "--no-progress")
+    assert code == 0, err
+    with open(tmp_path / "p.csv", newline="") as stream:
+        rows = list(csv.DictReader(stream))
+    assert len(rows) == 24 and {r["model_id"] for r in rows} == {model}
+    truth = {"Negative": "no_crack", "Positive": "crack"}
+    correct = sum(truth[Path(r["path"]).parent.name] == r["label"] for r in rows)
+    assert metrics["acc"] == pytest.approx(correct / len(rows))
+    assert metrics["images"] == 24 and np.sum(metrics["confusion"]) == 24
+    assert f"acc         {metrics['acc']:.4f}" in out
+    # The evaluation run is in MLflow, linked to the model's training run, with the plots.
+    client = MlflowClient(store)
+    runs = client.search_runs([client.get_experiment_by_name("crack").experiment_id],
+                              "tags.`crackclf.kind` = 'evaluation'")
+    assert len(runs) == 1 and runs[0].data.tags["crackclf.model_run_id"] == tiny_model.run_id
+    assert runs[0].data.metrics["eval/acc"] == pytest.approx(metrics["acc"])
+    logged = {a.path for a in client.list_artifacts(runs[0].info.run_id, "evaluation")}
+    assert {f"evaluation/{n}" for n in ("roc.png", "pr.png", "worst_mistakes.png", "confusion.png",
+                                         "predictions.csv", "metrics.json")} <= logged
+
+
+def test_evaluate_lists_unreadable_files_and_still_scores_the_rest(tiny_model, corpus_dataset, tmp_path, capsys):
+    root, items = corpus_dataset
+    code, out, _ = crackclf(capsys, "evaluate", "--model", str(tiny_model.checkpoint), "--data", str(root), "--out",
+                            str(tmp_path / "eval"), "--no-mlflow", "--no-progress")
+    assert code == 1  # some inputs failed
+    metrics = json.loads((tmp_path / "eval" / "metrics.json").read_text())
+    reported = {r["path"]: r["reason"] for r in metrics["unreadable_files"]}
+    for item in invalid_items(items):
+        if item.name == "directory":  # a folder named x.jpg is not a candidate file at all
+            continue
+        assert item.reason in reported[describe_source(item.path)], item.name
+        assert f"unreadable: {describe_source(item.path)}: " in out
+    assert metrics["images"] == 60 + len(valid_items(items))
+
+
+# --------------------------------------------------------------------------------------------- threshold, TTA
+def test_threshold_override_and_flip_tta(tiny_model):
+    arrays = np.stack([load_resized(f, 32) for f in heldout_files(tiny_model.heldout)])
+    model = load_model(tiny_model.checkpoint)
+    plain = Predictor(model)
+    assert plain.threshold == model.info.threshold  # the threshold chosen at training time is the default
+    probabilities = plain.predict_arrays(arrays)
+    for threshold in (0.0, float(np.median(probabilities)), 1.0):
+        labels = [p.is_crack for p in Predictor(model, threshold=threshold).classify_arrays(arrays)]
+        assert labels == [bool(p >= threshold) for p in probabilities]
+    with pytest.raises(ValueError, match="threshold=1.5"):
+        Predictor(model, threshold=1.5)
+    tta = Predictor(model, tta=True).predict_arrays(arrays)
+    views = [arrays, arrays[:, :, ::-1], arrays[:, ::-1]]
+    np.testing.assert_allclose(tta, np.mean([plain.predict_arrays(v) for v in views], axis=0), atol=1e-6)
+    assert not np.allclose(tta, probabilities, atol=1e-7)  # the flips did change the input
+
+
+def test_sources_arrays_bytes_and_process_pool_agree(tiny_model):
+    files = heldout_files(tiny_model.heldout)[:10]
+    thread = Predictor.load(tiny_model.checkpoint, batch_size=3)
+    expected = [p.probability for p in thread.predict_sources(files)]
+    from_bytes = [p.probability for p in thread.predict_sources([f.read_bytes() for f in files])]
+    process = [p.probability for p in Predictor.load(tiny_model.checkpoint, parallel="process", workers=2)
+               .predict_sources(files)]
+    arrays = thread.predict_arrays([np.asarray(Image.open(f).convert("RGB")) for f in files])  # resized inside
+    np.testing.assert_allclose(from_bytes, expected, atol=1e-6)
+    np.testing.assert_allclose(process, expected, atol=1e-6)
+    np.testing.assert_allclose(arrays, expected, atol=0.05)  # full decode vs JPEG draft decode: close, not equal
+    assert thread.predict_one(b"").error == "empty file (0 bytes)"
+
+
+# --------------------------------------------------------------------------------------------- export, explain
+@pytest.mark.shared_data
+def test_export_onnx_parity_on_real_images(tiny_model, shared_data, tmp_path):
+    from crackclf.inference.export import export_onnx
+
+    real = [f for c in ("Negative", "Positive") for f in sorted((shared_data / c).glob("*.jpg"))[:130]]
+    report = export_onnx(load_model(tiny_model.checkpoint), tmp_path / "model.onnx", real)
+    assert report.parity_images == 260 and report.ok and report.max_abs_diff <= 1e-4
+    import onnx
+
+    model = onnx.load(tmp_path / "model.onnx")
+    assert model.graph.input[0].type.tensor_type.shape.dim[0].dim_param == "batch"  # dynamic batch axis
+    assert json.loads({p.key: p.value for p in model.metadata_props}["crackclf"])["run_id"] == tiny_model.run_id
+    with pytest.raises(BundleError, match="needs >= 256 readable images"):
+        export_onnx(load_model(tiny_model.checkpoint), tmp_path / "few.onnx", real[:100])
+
+
+def test_explain_writes_gradcam_and_refuses_onnx(tiny_model, tmp_path, capsys):
+    from crackclf.inference.bundle import save_onnx
+    from crackclf.inference.explain import explain
+
+    files = heldout_files(tiny_model.heldout)[:3]
+    predictor = Predictor.load(tiny_model.checkpoint)
+    picture, results = explain(predictor, [*files, tmp_path / "missing.jpg"], tmp_path / "cam.png")
+    assert Image.open(picture).size[0] > 300 and [p.ok for p in results] == [True, True, True, False]
+    loaded = load_model(tiny_model.checkpoint)
+    save_onnx(loaded.network, loaded.info, tmp_path / "m.onnx")
+    code, _, err = crackclf(capsys, "explain", "--model", str(tmp_path / "m.onnx"), str(files[0]), "--out",
+                            str(tmp_path / "x.png"))
+    assert code == 2 and "Grad-CAM needs PyTorch weights" in err

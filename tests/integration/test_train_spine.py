@@ -1,0 +1,111 @@
+"""`python train.py` end to end, as a user runs it, checked through MlflowClient."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from mlflow.tracking import MlflowClient
+
+from tests.conftest import REPO, run_train
+
+
+def only_run(uri: str, experiment: str = "crack"):
+    client = MlflowClient(uri)
+    runs = client.search_runs([client.get_experiment_by_name(experiment).experiment_id])
+    assert len(runs) == 1, [r.info.run_id for r in runs]
+    return client, runs[0]
+
+
+def artifact_paths(client: MlflowClient, run_id: str, path: str = "") -> set[str]:
+    found = set()
+    for item in client.list_artifacts(run_id, path):
+        found |= artifact_paths(client, run_id, item.path) if item.is_dir else {item.path}
+    return found
+
+
+def test_fast_dev_run_on_generated_folder(tiny_dataset, tmp_path, mlflow_uri, cache_dir):
+    result = run_train(f"data.root={tiny_dataset}", "trainer=debug", "data.progress=false",
+                       f"hydra.run.dir={tmp_path / 'run'}")
+    assert result.returncode == 0, result.stderr[-3000:]
+    client, run = only_run(mlflow_uri)
+    assert run.info.status == "FINISHED"  # fast_dev_run logs no metrics (Lightning swaps in a dummy logger)
+    assert run.data.tags["pretrained"] == "scratch"
+    assert run.data.params["backbone.name"] == "lcnet_050"  # the default recipe
+    assert "test/acc" in result.stdout  # the summary table is printed
+
+
+@pytest.mark.shared_data
+def test_short_real_run_reaches_95_percent_and_logs_everything(shared_data, tmp_path, mlflow_uri, cache_dir):
+    epochs = 3
+    result = run_train(
+        f"data.root={shared_data}", "backbone=lcnet_050", "data.max_per_class=1000", "data.batch_size=32",
+        "data.image_size=64",
+        f"trainer.max_epochs={epochs}", "callbacks.early_stopping.patience=5", "data.progress=false",
+        "callbacks.progress_bar.refresh_rate=0", f"hydra.run.dir={tmp_path / 'run'}",
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    client, run = only_run(mlflow_uri)
+    run_id = run.info.run_id
+    assert run.info.status == "FINISHED"
+    val_history = client.get_metric_history(run_id, "val/acc")
+    train_history = client.get_metric_history(run_id, "train/acc")
+    assert len(train_history) == epochs  # one point per epoch
+    # One val/acc per epoch, plus the re-validation of the best checkpoint after fit (the threshold is chosen there).
+    assert len(val_history) == epochs + 1
+    assert max(m.value for m in val_history) >= 0.95
+    for key in ("test/acc", "test/f1", "test/auroc", "test/precision", "test/recall", "val/loss", "train/gap"):
+        assert key in run.data.metrics, key
+    artifacts = artifact_paths(client, run_id)
+    assert {"config.yaml", "plots/curves.png", "plots/confusion_test.png", "checkpoints/best.ckpt"} <= artifacts
+    assert any(p.startswith("data/split-") and p.endswith(".csv") for p in artifacts)
+    assert run.data.tags["overfitting"] in ("true", "false")
+    assert run.data.tags["git_commit"]
+    assert run.data.params["data.max_per_class"] == "1000"
+
+
+def test_exception_marks_run_failed_with_traceback(tiny_dataset, tmp_path, mlflow_uri, cache_dir):
+    # A checkpoint monitor on a metric that is never logged makes Lightning raise after the run has started.
+    result = run_train(f"data.root={tiny_dataset}", "trainer.max_epochs=1", "data.progress=false",
+                       "callbacks.model_checkpoint.monitor=val/no_such_metric", f"hydra.run.dir={tmp_path / 'run'}")
+    assert result.returncode != 0
+    client, run = only_run(mlflow_uri)
+    assert run.info.status == "FAILED"
+    assert "error/traceback.txt" in artifact_paths(client, run.info.run_id)
+
+
+def test_sigterm_marks_run_killed(tiny_dataset, tmp_path, mlflow_uri, cache_dir):
+    process = subprocess.Popen(
+        [sys.executable, str(REPO / "train.py"), f"data.root={tiny_dataset}", "trainer.max_epochs=200",
+         "callbacks.early_stopping.patience=1000", "data.batch_size=8", "data.progress=false",
+         f"hydra.run.dir={tmp_path / 'run'}"],
+        cwd=REPO, env=os.environ.copy(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )
+    client = MlflowClient(mlflow_uri)
+    deadline = time.time() + 120
+    while time.time() < deadline:  # wait until training is under way (the run exists and has metrics)
+        experiment = client.get_experiment_by_name("crack")
+        runs = client.search_runs([experiment.experiment_id]) if experiment else []
+        if runs and "train/loss" in runs[0].data.metrics:
+            break
+        time.sleep(1)
+    process.send_signal(signal.SIGTERM)
+    process.wait(timeout=60)
+    _, run = only_run(mlflow_uri)
+    assert run.info.status == "KILLED"
+    assert process.returncode != 0
+
+
+def test_bad_backbone_fails_fast_without_traceback(tmp_path, mlflow_uri, cache_dir):
+    started = time.time()
+    result = run_train("backbone=resnet18", "backbone.name=resnet_18", f"hydra.run.dir={tmp_path / 'run'}")
+    assert result.returncode == 2
+    assert "Traceback" not in result.stderr and "resnet18" in result.stderr
+    assert time.time() - started < 20
+    assert not Path(mlflow_uri.removeprefix("sqlite:///")).exists() or not MlflowClient(mlflow_uri).search_experiments(
+        filter_string="name = 'crack'")

@@ -1,0 +1,75 @@
+"""Decode-once cache: two processes building at once make one valid file; a changed image gets a new cache."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import time
+
+import numpy as np
+
+from crackclf.data.cache import build_cache, cache_path
+from crackclf.data.images import load_resized
+from crackclf.data.inventory import scan
+from tests.conftest import REPO
+
+BUILDER = """
+import sys, time
+from pathlib import Path
+from crackclf.data.cache import build_cache
+from crackclf.data.inventory import read_records
+root, records_csv, cache, go = sys.argv[1:5]
+records = read_records(Path(records_csv))
+while not Path(go).exists():  # start together
+    time.sleep(0.005)
+array = build_cache(Path(root), [r.path for r in records], [r.md5 for r in records], 48, Path(cache))
+print("shape", array.shape, flush=True)
+"""
+
+
+def test_concurrent_builders_make_one_valid_cache(tiny_dataset, tmp_path):
+    inventory = scan(tiny_dataset, ("Negative", "Positive"), tmp_path / "inv", progress=False)
+    records_csv = next((tmp_path / "inv").glob("inventory-*.csv"))
+    cache, go = tmp_path / "cache", tmp_path / "go"
+    env = {**os.environ, "PYTHONPATH": str(REPO / "src")}
+    builders = [
+        subprocess.Popen([sys.executable, "-c", BUILDER, str(tiny_dataset), str(records_csv), str(cache), str(go)],
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+        for _ in range(2)
+    ]
+    time.sleep(2.0)  # let both interpreters import and wait at the barrier
+    go.touch()
+    outputs = [builder.communicate(timeout=240) for builder in builders]
+    assert [b.returncode for b in builders] == [0, 0], [err[-2000:] for _, err in outputs]
+    assert all("shape (80, 48, 48, 3)" in out for out, _ in outputs)
+    # The lock let exactly one of them decode (only a builder shows the progress bar); the other reused its file.
+    assert sum("caching images" in err for _, err in outputs) == 1
+    assert sorted(p.name for p in cache.iterdir() if not p.name.endswith(".lock")) == [
+        cache_path(cache, [(r.path, r.md5) for r in inventory.records], 48).name
+    ]
+    array = np.load(next(cache.glob("*.npy")), mmap_mode="r")
+    for index, record in enumerate(inventory.records):
+        assert np.array_equal(array[index], load_resized(tiny_dataset / record.path, 48)), record.path
+
+
+def test_changed_image_gets_a_new_cache(tiny_dataset, tmp_path):
+    root = tmp_path / "data"
+    shutil.copytree(tiny_dataset, root)
+    classes = ("Negative", "Positive")
+    before = scan(root, classes, tmp_path / "inv", progress=False)
+    paths = [r.path for r in before.records]
+    old = build_cache(root, paths, [r.md5 for r in before.records], 32, tmp_path / "cache", progress=False)
+    changed = root / "Positive" / "00007.jpg"
+    shutil.copyfile(root / "Negative" / "00001.jpg", changed)  # same name, new content
+    after = scan(root, classes, tmp_path / "inv", progress=False)  # the stored inventory is keyed by size/mtime
+    assert [r.path for r in after.records] == paths
+    key_before = cache_path(tmp_path / "cache", [(r.path, r.md5) for r in before.records], 32)
+    key_after = cache_path(tmp_path / "cache", [(r.path, r.md5) for r in after.records], 32)
+    assert key_before != key_after
+    new = build_cache(root, paths, [r.md5 for r in after.records], 32, tmp_path / "cache", progress=False)
+    row = paths.index("Positive/00007.jpg")
+    assert np.array_equal(new[row], load_resized(changed, 32)) and not np.array_equal(old[row], new[row])
+    assert len(list((tmp_path / "cache").glob("*.npy"))) == 2
+    assert cache_path(tmp_path / "cache", [(r.path, r.md5) for r in after.records], 48) != key_after  # size too
