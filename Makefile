@@ -42,6 +42,8 @@ data: $(STAMP) ## download (if needed) and verify the data set: make data [DATA=
 bench-data: $(STAMP) ## data path (cache + batch augment) vs ImageFolder+PIL, img/s: make bench-data [DATA=...]
 	$(BIN)/python scripts/bench_data.py --data $(or $(DATA),$(SHARED_DATA)) --out bench/bench_data.json $(ARGS)
 
+bench: bench-data bench-recipe ## the benchmarks that need no trained model (bench-infer/bench-serve take MODEL=)
+
 bench-recipe: $(STAMP) ## default recipe from a cold start, 3 runs, wall time + accuracy: make bench-recipe [DATA=...] [RUNS=3]
 	$(BIN)/python scripts/bench_recipe.py --data $(if $(DATA),$(DATA),$(SHARED_DATA)) --runs $(or $(RUNS),3) $(ARGS)
 

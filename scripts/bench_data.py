@@ -86,7 +86,7 @@ def imagefolder_loader(root: Path, size: int, batch_size: int, aug: dict, worker
 class _CacheLoader:
     """The crackclf training path without a Trainer: cached uint8 batches → float → BatchAugment (as in fit).
 
-    ``all_threads=True`` calls the augmentation directly, on every torch thread, to show why the data module
+    ``all_threads=True`` converts and augments on every torch thread, to show why the data module
     runs it on one thread on CPU.
     """
 

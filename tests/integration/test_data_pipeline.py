@@ -47,7 +47,7 @@ def test_verify_names_bad_files_and_training_runs_on_the_rest(damaged, tmp_path,
                      "--no-progress", cwd=tmp_path)
     assert strict.returncode == 1
 
-    train = run_train(f"data.root={damaged}", "trainer=debug", "data.progress=false",
+    train = run_train(f"data.root={damaged}", "trainer=debug", "data.progress=false", "data.batch_size=16",
                       f"hydra.run.dir={tmp_path / 'run'}")
     assert train.returncode == 0, train.stderr[-3000:]
     client = MlflowClient(mlflow_uri)

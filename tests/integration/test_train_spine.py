@@ -87,13 +87,14 @@ def test_sigterm_marks_run_killed(tiny_dataset, tmp_path, mlflow_uri, cache_dir)
         cwd=REPO, env=os.environ.copy(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
     )
     client = MlflowClient(mlflow_uri)
-    deadline = time.time() + 120
-    while time.time() < deadline:  # wait until training is under way (the run exists and has metrics)
+    deadline = time.time() + 300
+    while time.time() < deadline and process.poll() is None:  # wait until the run exists and training is under way
         experiment = client.get_experiment_by_name("crack")
         runs = client.search_runs([experiment.experiment_id]) if experiment else []
-        if runs and "train/loss" in runs[0].data.metrics:
+        if runs and (Path(tmp_path / "run" / "checkpoints").exists() or "train/loss" in runs[0].data.metrics):
             break
         time.sleep(1)
+    assert process.poll() is None, "training ended before it could be interrupted"
     process.send_signal(signal.SIGTERM)
     process.wait(timeout=60)
     _, run = only_run(mlflow_uri)

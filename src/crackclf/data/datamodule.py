@@ -343,17 +343,18 @@ class CrackDataModule(pl.LightningDataModule):
     def model_input(self, images: torch.Tensor, augment: bool) -> torch.Tensor:
         """A uint8 (B, 3, H, W) batch → float in [0, 1], through the batch augmentation when ``augment``.
 
-        On CPU the augmentation runs on one thread: it is many short element-wise passes, and on the shared
-        2-core machine they ran 4-6x slower with 2 threads than with 1 (``make bench-data``, docs/data.md).
+        On CPU this runs on one thread: it is a handful of short element-wise passes, which on the shared 2-core
+        machine ran 2-4x slower on 2 threads than on 1 (``make bench-data``, docs/data.md).
         """
-        images = images.float().div_(255.0)
-        if not augment or self.augment is None:
-            return images
         if images.device.type != "cpu":
-            return self.augment(images)
+            return self._to_float(images, augment)
         threads = torch.get_num_threads()
         torch.set_num_threads(1)
         try:
-            return self.augment(images)
+            return self._to_float(images, augment)
         finally:
             torch.set_num_threads(threads)
+
+    def _to_float(self, images: torch.Tensor, augment: bool) -> torch.Tensor:
+        images = images.float().div_(255.0)
+        return self.augment(images) if augment and self.augment is not None else images
