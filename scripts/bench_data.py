@@ -28,7 +28,7 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "src"))
 
-from crackclf.utils import atomic_write_text, repo_root, worker_count  # noqa: E402
+from crackclf.utils import atomic_write_text, keep_freed_memory, repo_root, worker_count  # noqa: E402
 
 
 def compose(overrides: list[str]):
@@ -86,19 +86,20 @@ def imagefolder_loader(root: Path, size: int, batch_size: int, aug: dict, worker
 class _CacheLoader:
     """The crackclf training path without a Trainer: cached uint8 batches → float → BatchAugment (as in fit).
 
-    ``all_threads=True`` converts and augments on every torch thread, to show why the data module
-    runs it on one thread on CPU.
+    ``threads`` limits torch to that many threads while converting and augmenting (default: all, as in fit).
     """
 
-    def __init__(self, datamodule, augment: bool = True, all_threads: bool = False) -> None:
-        self.datamodule, self.augment, self.all_threads = datamodule, augment, all_threads
+    def __init__(self, datamodule, augment: bool = True, threads: int | None = None) -> None:
+        self.datamodule, self.augment, self.threads = datamodule, augment, threads
 
     def __iter__(self):
+        every = torch.get_num_threads()
         for images, labels in self.datamodule.train_dataloader():
-            if self.all_threads:
-                yield self.datamodule.augment(images.float().div_(255.0)), labels
-            else:
+            torch.set_num_threads(self.threads or every)
+            try:
                 yield self.datamodule.model_input(images, augment=self.augment), labels
+            finally:
+                torch.set_num_threads(every)
 
 
 def time_loader(batches, count: int, warmup: int, batch_size: int) -> dict:
@@ -150,7 +151,8 @@ TRANSFORMS = {
 
 
 def breakdown(cfg, aug: dict, batch_size: int, size: int, repeats: int = 15) -> dict:
-    """Median ms per batch of each augmentation transform alone (1 thread), and of a bare training step of the
+    """Median ms per batch of each augmentation transform alone on a uint8 batch (1 thread; uint8 → float included),
+    and of a bare training step of the
     model (synthetic input) on 1 and on all threads."""
     import torch.nn.functional as F
     from hydra.utils import instantiate
@@ -159,6 +161,7 @@ def breakdown(cfg, aug: dict, batch_size: int, size: int, repeats: int = 15) -> 
 
     all_threads = torch.get_num_threads()
     batch = torch.rand(batch_size, 3, size, size)
+    cached = torch.randint(0, 256, (batch_size, 3, size, size), dtype=torch.uint8)  # as the cache delivers it
 
     def median_ms(call, count: int = repeats) -> float:
         call()
@@ -175,7 +178,7 @@ def breakdown(cfg, aug: dict, batch_size: int, size: int, repeats: int = 15) -> 
     for name, keys in TRANSFORMS.items():
         transform = BatchAugment(**{**off, **{k: aug[k] for k in keys if k in aug}})
         if transform.active:  # transforms the configured augmentation does not use are not timed
-            result["augmentation_ms_1_thread"][name] = median_ms(lambda t=transform: t(batch.clone()))
+            result["augmentation_ms_1_thread"][name] = median_ms(lambda t=transform: t(cached))
     model = instantiate(cfg.model)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
     labels = torch.randint(0, 2, (batch_size,))
@@ -208,6 +211,7 @@ def main() -> int:
     parser.add_argument("--out", type=Path, default=REPO / "bench" / "bench_data.json")
     parser.add_argument("overrides", nargs="*", help="Hydra overrides, e.g. backbone=resnet18 data.image_size=96")
     args = parser.parse_args()
+    keep_freed_memory()  # as train.py does
     if not (args.data / "Positive").is_dir():
         parser.error(f"--data {args.data} has no Positive/ folder; pass the data set folder")
 
@@ -254,13 +258,13 @@ def main() -> int:
     results["loader_no_augmentation"] = alternate(
         lambda: time_loader(bare_loader, args.loader_batches, args.warmup, batch_size),
         lambda: time_loader(baseline({}), few, args.warmup, batch_size), args.repeats)
-    # Why the data module augments on one thread on CPU: the same loader with the augmentation on every thread.
-    all_threads = _CacheLoader(datamodule, all_threads=True)
-    threads = results["augment_one_vs_all_threads"] = alternate(
+    # What the augmentation gains from the other cores: the same loader on one thread.
+    one_thread = _CacheLoader(datamodule, threads=1)
+    threads = results["augment_all_vs_one_thread"] = alternate(
         lambda: time_loader(ours_loader, args.loader_batches, args.warmup, batch_size),
-        lambda: time_loader(all_threads, args.loader_batches, args.warmup, batch_size), args.repeats,
-        names=("one_thread", f"{torch.get_num_threads()}_threads"))
-    print(f"loaders done; augmentation on 1 thread vs {torch.get_num_threads()}: {threads['ratio']:.1f}x faster "
+        lambda: time_loader(one_thread, args.loader_batches, args.warmup, batch_size), args.repeats,
+        names=(f"{torch.get_num_threads()}_threads", "one_thread"))
+    print(f"loaders done; augmentation on {torch.get_num_threads()} threads vs 1: {threads['ratio']:.1f}x faster "
           f"(per repeat: {', '.join(f'{r:.1f}' for r in threads['ratio_per_repeat'])})", flush=True)
     results["train_step"] = alternate(
         lambda: time_training(cfg, {"datamodule": datamodule}, args.train_steps, args.warmup, batch_size),

@@ -63,6 +63,8 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=REPO / "bench" / "recipe.jsonl")
     parser.add_argument("--cache-dir", type=Path, default=None,
                         help="reuse this data cache (warm start) instead of a fresh one per run (cold start)")
+    parser.add_argument("--keep", type=Path, default=None,
+                        help="keep each run's folder and MLflow store under this folder (default: deleted)")
     parser.add_argument("overrides", nargs="*", help="extra train.py overrides (default recipe when empty)")
     args = parser.parse_args()
     if not (args.data / "Positive").is_dir():
@@ -70,8 +72,13 @@ def main() -> None:
     args.out.parent.mkdir(parents=True, exist_ok=True)
     results = []
     for index in range(args.runs):
-        with tempfile.TemporaryDirectory(prefix="crackclf-bench-") as work:
-            result = run_once(args.data.resolve(), args.overrides, Path(work), args.cache_dir)
+        if args.keep:  # the run folder (checkpoints, config) and its MLflow store stay for a closer look
+            work = args.keep / f"run-{time.strftime('%Y%m%d-%H%M%S')}-{index + 1}"
+            work.mkdir(parents=True)
+            result = run_once(args.data.resolve(), args.overrides, work, args.cache_dir)
+        else:
+            with tempfile.TemporaryDirectory(prefix="crackclf-bench-") as tmp:
+                result = run_once(args.data.resolve(), args.overrides, Path(tmp), args.cache_dir)
         results.append(result)
         line = json.dumps(result)
         print(line, flush=True)

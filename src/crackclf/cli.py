@@ -9,6 +9,8 @@ import os
 import sys
 import traceback
 
+from crackclf.utils import keep_freed_memory
+
 #: Modules that each define ``register(subparsers)``; a sub-command stores its handler in ``func``.
 COMMAND_MODULES = (
     "crackclf.data.commands",
@@ -42,6 +44,7 @@ def main(argv: list[str] | None = None) -> int:
     if not getattr(args, "func", None):
         parser.print_help()
         return 2
+    keep_freed_memory()  # inference allocates the same batch-sized tensors over and over, like training
     try:
         return int(args.func(args) or 0)
     except (ValueError, OSError) as error:  # our errors subclass ValueError and carry the fix in their message

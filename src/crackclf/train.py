@@ -69,12 +69,14 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     from crackclf.training.checkpointing import AtomicCheckpointIO
     from crackclf.training.resume import ResumeCheckpoint, find_resume_point, lock_run, write_marker
     from crackclf.training.threshold import choose_threshold
+    from crackclf.utils import keep_freed_memory
 
     resume_point = find_resume_point(cfg.get("resume"), cfg, Path(cfg.paths.output_dir))
     if resume_point is not None:  # continue in the original run folder: its checkpoints, marker and MLflow run
         cfg.paths.output_dir = str(resume_point.run_dir)
     pl.seed_everything(cfg.seed, workers=True)
     torch.set_float32_matmul_precision("high")
+    keep_freed_memory()  # no page-fault churn from the same big tensors freed and re-allocated every batch
     output_dir = Path(cfg.paths.output_dir)
     # DDP ranks > 0 are re-runs of this command in the same folder: rank zero holds the lock for all of them.
     run_lock = lock_run(output_dir) if rank_zero_only.rank == 0 else None

@@ -29,6 +29,61 @@ def test_strong_augmentation_changes_samples_independently():
     assert len(distinct) > 16  # per-sample parameters, not one draw for the whole batch
 
 
+def test_uint8_and_float_inputs_give_the_same_batch():
+    images = torch.randint(0, 256, (32, 3, 24, 24), dtype=torch.uint8)
+
+    def augment(batch: torch.Tensor) -> torch.Tensor:  # a fresh instance each time: its noise bank is drawn anew
+        torch.manual_seed(1)
+        return BatchAugment(brightness=0.3, contrast=0.3, saturation=0.3, hue=0.03, jitter_p=0.5, blur_p=0.3,
+                            noise_p=0.3)(batch)
+
+    from_uint8, from_float = augment(images), augment(images.float() / 255)
+    assert from_uint8.dtype == torch.float32 and from_uint8.shape == images.shape
+    assert torch.allclose(from_uint8, from_float, atol=1e-6)
+
+
+def test_colour_jitter_matches_the_adjustments_applied_one_by_one():
+    """The single per-sample colour matrix equals brightness, contrast, saturation and gains applied in turn."""
+    images = 0.25 + 0.5 * torch.rand(16, 3, 8, 8)  # mid-range: the clamp to [0, 1] does not interfere
+    augment = BatchAugment(hflip=0, vflip=0, rot90=0, brightness=0.2, contrast=0.2, saturation=0.2, hue=0.02,
+                           jitter_p=1.0)
+    draws = []
+    original_empty = torch.empty
+
+    def recording_empty(*shape, **kwargs):  # capture the random factors the jitter draws, in order
+        tensor = original_empty(*shape, **kwargs)
+        draws.append(tensor)
+        return tensor
+
+    torch.manual_seed(3)
+    torch.empty = recording_empty
+    try:
+        out = augment(images)
+    finally:
+        torch.empty = original_empty
+    brightness, contrast, saturation, gains = (d.clone() for d in draws[-4:])
+    expected = images * brightness.view(-1, 1, 1, 1)
+    mean = expected.mean(dim=(1, 2, 3), keepdim=True)
+    expected = (expected - mean) * contrast.view(-1, 1, 1, 1) + mean
+    grey = expected.mean(dim=1, keepdim=True)
+    expected = (expected - grey) * saturation.view(-1, 1, 1, 1) + grey
+    expected = (expected * gains.view(-1, 3, 1, 1)).clamp(0, 1)
+    assert torch.allclose(out, expected, atol=1e-5)
+
+
+def test_blur_and_noise_do_what_they_say():
+    flat = torch.full((8, 3, 16, 16), 0.5)
+    assert torch.allclose(BatchAugment(0, 0, 0, blur_p=1.0)(flat), flat)  # a blur keeps a flat image
+    checker = (torch.arange(16).view(1, 1, 1, 16) + torch.arange(16).view(1, 1, 16, 1)) % 2
+    checker = checker.float().expand(8, 3, 16, 16)
+    blurred = BatchAugment(0, 0, 0, blur_p=1.0, blur_sigma=1.0)(checker)
+    assert blurred.std() < 0.5 * checker.std()
+    noisy = BatchAugment(0, 0, 0, noise_p=1.0, noise_std=0.05)(torch.full((64, 3, 32, 32), 0.5))
+    assert abs(float((noisy - 0.5).std()) - 0.05) < 0.005 and abs(float((noisy - 0.5).mean())) < 0.005
+    windows = [BatchAugment(0, 0, 0, noise_p=1.0)(torch.full((2, 3, 8, 8), 0.5)) for _ in range(2)]
+    assert not torch.equal(windows[0], windows[1])  # a fresh noise window every call
+
+
 def test_disabled_augmentation_is_identity():
     images = torch.rand(4, 3, 8, 8)
     assert torch.equal(BatchAugment(hflip=0, vflip=0, rot90=0)(images), images)
