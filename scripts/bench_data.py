@@ -14,6 +14,7 @@ both sides alike; the ratio of every repeat is printed too.
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import os
 import platform
@@ -28,18 +29,8 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "src"))
 
-from crackclf.utils import atomic_write_text, keep_freed_memory, repo_root, worker_count  # noqa: E402
-
-
-def compose(overrides: list[str]):
-    """The training config as ``python train.py`` would compose it."""
-    from hydra import compose as hydra_compose
-    from hydra import initialize_config_dir
-
-    import crackclf.config  # noqa: F401  (registers the resolvers the config uses)
-
-    with initialize_config_dir(config_dir=str(repo_root() / "conf"), version_base="1.3"):
-        return hydra_compose("train", overrides=overrides, return_hydra_config=True)
+from crackclf.config import compose_config  # noqa: E402
+from crackclf.utils import atomic_write_text, keep_freed_memory, worker_count  # noqa: E402
 
 
 def torchvision_transform(size: int, aug: dict):
@@ -80,7 +71,7 @@ def imagefolder_loader(root: Path, size: int, batch_size: int, aug: dict, worker
 
     dataset = ImageFolder(str(root), transform=torchvision_transform(size, aug))
     return DataLoader(dataset, batch_size=batch_size, shuffle=True, num_workers=workers, drop_last=True,
-                      persistent_workers=workers > 0, generator=torch.Generator().manual_seed(seed))
+                      generator=torch.Generator().manual_seed(seed))
 
 
 class _CacheLoader:
@@ -103,7 +94,11 @@ class _CacheLoader:
 
 
 def time_loader(batches, count: int, warmup: int, batch_size: int) -> dict:
-    """Images/s over ``count`` batches after ``warmup`` batches (worker start-up excluded)."""
+    """Images/s over ``count`` batches after ``warmup`` batches (worker start-up excluded).
+
+    The iterator is shut down before returning: DataLoader workers left prefetching would otherwise keep decoding
+    while the next measurement (of the other pipeline) runs, and steal its cores.
+    """
     iterator = iter(batches)
     for _ in range(warmup):
         next(iterator)
@@ -111,6 +106,11 @@ def time_loader(batches, count: int, warmup: int, batch_size: int) -> dict:
     for _ in range(count):
         next(iterator)
     seconds = time.perf_counter() - start
+    shutdown = getattr(iterator, "_shutdown_workers", None)
+    if shutdown is not None:
+        shutdown()
+    del iterator
+    gc.collect()
     return {"images": count * batch_size, "seconds": round(seconds, 3), "images_per_s": count * batch_size / seconds}
 
 
@@ -135,6 +135,8 @@ def time_training(cfg, fit_kwargs: dict, steps: int, warmup: int, batch_size: in
                          num_sanity_val_steps=0, logger=False, enable_checkpointing=False, callbacks=[clock],
                          enable_progress_bar=False, enable_model_summary=False)
     trainer.fit(model, **fit_kwargs)
+    del trainer  # its DataLoader workers must be gone before the next measurement starts
+    gc.collect()
     return {"images": steps * batch_size, "seconds": round(clock.seconds, 3),
             "images_per_s": steps * batch_size / clock.seconds}
 
@@ -217,8 +219,9 @@ def main() -> int:
 
     cache_dir = args.cache_dir or Path(os.environ.get("CRACKCLF_CACHE", REPO / ".cache" / "crackclf"))
     # paths.* normally come from the Hydra run (cwd, output dir); fixed here since no run is started.
-    cfg = compose([f"data.root={args.data.resolve()}", f"paths.root_dir={REPO}", f"paths.output_dir={args.out.parent}",
-                   f"data.cache_dir={cache_dir}", "data.progress=false", *args.overrides])
+    cfg = compose_config([f"data.root={args.data.resolve()}", f"paths.root_dir={REPO}",
+                          f"paths.output_dir={args.out.parent}", f"data.cache_dir={cache_dir}", "data.progress=false",
+                          *args.overrides], return_hydra_config=True)
     from hydra.utils import instantiate
     from omegaconf import OmegaConf
 

@@ -4,8 +4,8 @@ the bare JPEG decode+resize rate of the same files (the ceiling), in one run.
     make bench-infer                                   # default backbone, untrained weights, 10k shared images
     .venv/bin/python scripts/bench_infer.py --model runs:/<id> --data ../shared/data/concrete_crack --images 10000
 
-Throughput does not depend on the weights, so without ``--model`` an untrained bundle of the default backbone
-(conf/backbone/resnet10t.yaml, 64 px, as conf/data/concrete_crack.yaml) is measured. Every rate is images/s.
+Throughput does not depend on the weights, so without ``--model`` an untrained bundle of the default recipe's
+backbone and image size (composed from conf/ as ``python train.py`` does) is measured. Every rate is images/s.
 """
 
 from __future__ import annotations
@@ -20,14 +20,18 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from crackclf.config import compose_config
 from crackclf.data.images import IMAGE_EXTENSIONS, load_resized
 from crackclf.inference.bundle import BundleInfo, LoadedModel, build_network, load_model
 from crackclf.inference.predictor import Predictor
 from crackclf.models.backbone import IMAGENET_MEAN, IMAGENET_STD
-from crackclf.utils import repo_root, worker_count
+from crackclf.utils import keep_freed_memory, repo_root, worker_count
 
 
-def default_model(backbone: str = "resnet10t", size: int = 64) -> LoadedModel:
+def default_model() -> LoadedModel:
+    """An untrained bundle of the default recipe's backbone and image size (composed from conf/, as train.py)."""
+    cfg = compose_config()
+    backbone, size = str(cfg.backbone.name), int(cfg.data.image_size)
     info = BundleInfo(backbone, size, IMAGENET_MEAN, IMAGENET_STD, tile_size=227)
     return LoadedModel(info, f"untrained:{backbone}@{size}px", network=build_network(info).eval())
 
@@ -59,6 +63,7 @@ def main() -> None:
                         help="model intra-op threads (Predictor threads=; default: the library defaults)")
     parser.add_argument("--out", type=Path, default=None, help="also write the results as JSON here")
     args = parser.parse_args()
+    keep_freed_memory()  # as the crackclf command does
 
     model = load_model(args.model) if args.model else default_model()
     size = model.info.image_size

@@ -122,6 +122,16 @@ def _check_data_folder(root: Path, class_dirs: list[str], key: str) -> None:
 
 
 # ------------------------------------------------------------------------------------ command-line overrides
+def compose_config(overrides: list[str] | tuple[str, ...] = (), return_hydra_config: bool = False) -> DictConfig:
+    """The training config as ``python train.py <overrides>`` composes it, for scripts that start no Hydra run."""
+    from hydra import compose, initialize_config_dir
+
+    from crackclf.utils import repo_root
+
+    with initialize_config_dir(config_dir=str(repo_root() / "conf"), version_base="1.3"):
+        return compose("train", overrides=list(overrides), return_hydra_config=return_hydra_config)
+
+
 def check_overrides(overrides: list[str], config_dir: Path) -> None:
     """Check ``key=value`` overrides against the config tree before Hydra composes it.
 

@@ -165,7 +165,8 @@ def test_200_malformed_requests_get_4xx_and_the_server_keeps_serving(server, tmp
 def test_serve_refuses_bad_options_with_one_line(tmp_path):
     for arguments, message in [(["--model", str(tmp_path / "missing.onnx")], "no such file"),
                                (["--model", "x.onnx", "--formats", "JPEG,NOPE"], "not image formats"),
-                               (["--model", "x.onnx", "--port", "70000"], "between 0 and 65535")]:
+                               (["--model", "x.onnx", "--port", "70000"], "between 0 and 65535"),
+                               (["--model", "x.onnx", "--threads", "0"], "--threads 0 must be >= 1")]:
         result = subprocess.run([sys.executable, "-m", "crackclf.cli", "serve", *arguments], cwd=REPO,
                                 capture_output=True, text=True, timeout=300)
         assert result.returncode == 2, result.stderr

@@ -74,7 +74,8 @@ def _model_arguments(parser: argparse.ArgumentParser) -> None:
                         help="decision threshold on the crack probability (default: the one stored with the model)")
     parser.add_argument("--tta", action="store_true", help="flip test-time augmentation (3 views averaged)")
     parser.add_argument("--backend", choices=("auto", "torch", "onnx"), default="auto",
-                        help="auto: ONNX Runtime for .onnx models, PyTorch otherwise")
+                        help="auto (default): ONNX Runtime on CPU (a checkpoint is converted in memory), "
+                             "PyTorch on a GPU")
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--workers", type=int, default=None, help="decode workers (default: CPU cores)")
     parser.add_argument("--threads", type=int, default=None,

@@ -78,7 +78,7 @@ class Predictor:
 
     Args:
         model: a :class:`~crackclf.inference.bundle.LoadedModel` (see :meth:`Predictor.load` for a source string).
-        backend: ``"torch"``, ``"onnx"`` or ``"auto"`` (ONNX Runtime for ``.onnx`` files, PyTorch otherwise).
+        backend: ``"torch"``, ``"onnx"`` or ``"auto"`` (ONNX Runtime on CPU, PyTorch on other devices).
             ``"onnx"`` on a PyTorch model exports it to ONNX in memory first.
         threshold: decision threshold on the crack probability; ``None`` uses the one stored with the model.
         tta: flip test-time augmentation — average the probabilities of the image, its horizontal and its
@@ -119,10 +119,12 @@ class Predictor:
         self.threshold: float = float(self.info.threshold if threshold is None else threshold)
         self.tta, self.batch_size, self.parallel = tta, batch_size, parallel
         self.workers = max(1, workers if workers is not None else worker_count())
-        if backend == "auto":
-            backend = "torch" if model.network is not None else "onnx"
-        self.backend = backend
         self.device = torch.device(device)
+        if backend == "auto":
+            # ONNX Runtime on CPU: on 2 cores `predict` ran 1.8x faster end to end than eager PyTorch
+            # (scripts/bench_infer.py, docs/deployment.md); PyTorch where it can use an accelerator.
+            backend = "onnx" if model.network is None or self.device.type == "cpu" else "torch"
+        self.backend = backend
         self._session = None
         if backend == "torch":
             if model.network is None:

@@ -33,7 +33,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                        help="decision threshold on the crack probability (default: the one stored with the model)")
     serve.add_argument("--tta", action="store_true", help="flip test-time augmentation (3 views averaged; 3x slower)")
     serve.add_argument("--workers", type=int, default=defaults.workers,
-                       help=f"inference threads (default {defaults.workers})")
+                       help=f"inference threads (default {defaults.workers}: one per usable core)")
+    serve.add_argument("--threads", type=int, default=1,
+                       help="intra-op threads of each model call (default 1: requests run in parallel on the "
+                            "--workers threads instead)")
     serve.add_argument("--queue", type=int, default=defaults.queue_size,
                        help=f"requests that may wait for a worker before the server answers 503 with Retry-After "
                             f"(default {defaults.queue_size})")
@@ -69,7 +72,10 @@ def _serve(args: argparse.Namespace) -> int:
     from crackclf.inference.predictor import Predictor
     from crackclf.serving.app import create_app
 
-    predictor = Predictor.load(args.model, backend=args.backend, threshold=args.threshold, tta=args.tta)
+    if args.threads < 1:
+        raise ValueError(f"--threads {args.threads} must be >= 1 (e.g. 1).")
+    predictor = Predictor.load(args.model, backend=args.backend, threshold=args.threshold, tta=args.tta,
+                               threads=args.threads)
     if not _is_loopback(args.host):
         log.warning("binding to %s: anyone who can reach this machine on port %d can use the API (no "
                     "authentication); put it behind a reverse proxy with TLS and access control for shared use.",
