@@ -154,8 +154,8 @@ TRANSFORMS = {
 
 def breakdown(cfg, aug: dict, batch_size: int, size: int, repeats: int = 15) -> dict:
     """Median ms per batch of each augmentation transform alone on a uint8 batch (1 thread; uint8 → float included),
-    and of a bare training step of the
-    model (synthetic input) on 1 and on all threads."""
+    of the whole configured augmentation, and of a bare training step of the model (synthetic input), each on 1
+    and on all threads."""
     import torch.nn.functional as F
     from hydra.utils import instantiate
 
@@ -181,6 +181,10 @@ def breakdown(cfg, aug: dict, batch_size: int, size: int, repeats: int = 15) -> 
         transform = BatchAugment(**{**off, **{k: aug[k] for k in keys if k in aug}})
         if transform.active:  # transforms the configured augmentation does not use are not timed
             result["augmentation_ms_1_thread"][name] = median_ms(lambda t=transform: t(cached))
+    whole = BatchAugment(**aug)
+    for threads in sorted({1, all_threads}):
+        torch.set_num_threads(threads)
+        result[f"whole_augmentation_ms_{threads}_threads"] = median_ms(lambda: whole(cached), count=3 * repeats)
     model = instantiate(cfg.model)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
     labels = torch.randint(0, 2, (batch_size,))

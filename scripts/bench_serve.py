@@ -123,8 +123,8 @@ def run_load(port: int, bodies: list[bytes], requests: int, concurrency: int, de
     kind, wall time and the CPU time the load generator itself used (s).
 
     The load generator shares the 2 cores with the server, so it is kept lean: one asyncio event loop (uvloop when
-    installed), requests prepared as bytes up front, responses read by Content-Length. (``http.client`` from 8
-    threads cost ~1.5 ms of CPU per request, which the server's latency then paid for.)
+    installed), requests prepared as bytes up front, responses read by Content-Length: ~0.1 ms of CPU per request
+    (``client_cpu_ms_per_request``), where ``http.client`` from 8 threads left ~1.5 ms less for the server.
     """
     import asyncio
 

@@ -78,8 +78,8 @@ def keep_freed_memory() -> bool:
 
     Training and inference allocate and free the same multi-megabyte tensors every batch. By default glibc serves
     such blocks with fresh ``mmap`` calls or trims them off the heap, so every batch pays for page faults on
-    newly mapped memory: on the 2-core machine here that made the batch augmentation's time per batch vary
-    between 10 and 25 ms; with these settings it stayed at 10-11 ms (docs/data.md). It is the same trade
+    newly mapped memory: on the 2-core machine here the batch augmentation took 11-23 ms per batch in four runs,
+    9-11 ms with these settings (docs/data.md). It is the same trade
     jemalloc/tcmalloc make (resident memory stays at its peak). ``CRACKCLF_KEEP_FREED_MEMORY=0`` turns it off.
 
     Returns whether the settings were applied.

@@ -344,9 +344,10 @@ class CrackDataModule(pl.LightningDataModule):
         return self.model_input(images, augment=self.trainer is not None and self.trainer.training), labels
 
     def model_input(self, images: torch.Tensor, augment: bool) -> torch.Tensor:
-        """A uint8 (B, 3, H, W) batch → float in [0, 1], through the batch augmentation when ``augment``."""
-        return self._to_float(images, augment)
+        """A uint8 (B, 3, H, W) batch → float in [0, 1], through the batch augmentation when ``augment``.
 
-    def _to_float(self, images: torch.Tensor, augment: bool) -> torch.Tensor:
-        images = images.float().div_(255.0)
-        return self.augment(images) if augment and self.augment is not None else images
+        The augmentation takes the uint8 batch itself: it flips and rotates before converting to float.
+        """
+        if augment and self.augment is not None:
+            return self.augment(images)
+        return images.float().div_(255.0)
