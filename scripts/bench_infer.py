@@ -25,7 +25,7 @@ from crackclf.data.images import IMAGE_EXTENSIONS, load_resized
 from crackclf.inference.bundle import BundleInfo, LoadedModel, build_network, load_model
 from crackclf.inference.predictor import Predictor
 from crackclf.models.backbone import IMAGENET_MEAN, IMAGENET_STD
-from crackclf.utils import keep_freed_memory, repo_root, worker_count
+from crackclf.utils import describe_device, keep_freed_memory, repo_root, worker_count
 
 
 def default_model() -> LoadedModel:
@@ -61,6 +61,9 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=3.0, help="minimum time per model measurement")
     parser.add_argument("--threads", type=int, default=None,
                         help="model intra-op threads (Predictor threads=; default: the library defaults)")
+    parser.add_argument("--device", default="cpu",
+                        help="where eager PyTorch runs: cpu (default), cuda, cuda:N, auto (ONNX Runtime stays on CPU)")
+    parser.add_argument("--batches", type=int, nargs="+", default=[1, 32], help="batch sizes to time (default 1 32)")
     parser.add_argument("--out", type=Path, default=None, help="also write the results as JSON here")
     args = parser.parse_args()
     keep_freed_memory()  # as the crackclf command does
@@ -70,20 +73,22 @@ def main() -> None:
     results: dict = {"model": model.model_id, "backbone": model.info.backbone, "image_size": size,
                      "cores": worker_count(), "model_threads": args.threads or "default",
                      "cpu": platform.processor() or platform.machine()}
-    print(f"model {model.model_id} ({model.info.backbone}, {size} px), {worker_count()} usable cores")
+    eager = Predictor(model, backend="torch", threads=args.threads, device=args.device)
+    onnx = Predictor(model, backend="onnx", threads=args.threads)
+    results["eager_device"] = describe_device(eager.device)
+    print(f"model {model.model_id} ({model.info.backbone}, {size} px), {worker_count()} usable cores, eager PyTorch "
+          f"on {results['eager_device']}")
 
     rng = np.random.default_rng(0)
-    batch32 = rng.integers(0, 256, (32, size, size, 3), dtype=np.uint8)
-    eager = Predictor(model, backend="torch", threads=args.threads)
-    onnx = Predictor(model, backend="onnx", threads=args.threads)
-    for batch in (1, 32):
-        images = batch32[:batch]
+    pixels = rng.integers(0, 256, (max(args.batches), size, size, 3), dtype=np.uint8)
+    for batch in args.batches:
+        images = pixels[:batch]
         for name, predictor in (("eager", eager), ("onnxruntime", onnx)):
             value = rate(lambda p=predictor, x=images: p.predict_arrays(x), batch, args.seconds)
             results[f"{name}_batch{batch}"] = round(value, 1)
         speedup = results[f"onnxruntime_batch{batch}"] / results[f"eager_batch{batch}"]
         results[f"onnx_speedup_batch{batch}"] = round(speedup, 2)
-        print(f"batch {batch:>2}: eager {results[f'eager_batch{batch}']:>8.1f} img/s   onnxruntime "
+        print(f"batch {batch:>3}: eager {results[f'eager_batch{batch}']:>8.1f} img/s   onnxruntime "
               f"{results[f'onnxruntime_batch{batch}']:>8.1f} img/s   ({speedup:.2f}x)")
 
     files = list_images(args.data, args.images)

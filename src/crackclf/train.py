@@ -69,7 +69,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     from crackclf.training.checkpointing import AtomicCheckpointIO
     from crackclf.training.resume import ResumeCheckpoint, find_resume_point, lock_run, write_marker
     from crackclf.training.threshold import choose_threshold
-    from crackclf.utils import keep_freed_memory
+    from crackclf.utils import describe_device, keep_freed_memory
 
     resume_point = find_resume_point(cfg.get("resume"), cfg, Path(cfg.paths.output_dir))
     if resume_point is not None:  # continue in the original run folder: its checkpoints, marker and MLflow run
@@ -138,6 +138,8 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         callbacks = [instantiate(c) for c in (cfg.get("callbacks") or {}).values() if c is not None]
         trainer = instantiate(cfg.trainer, callbacks=[*callbacks, resume_callback], logger=loggers or False,
                               plugins=[AtomicCheckpointIO()])
+        if run_id:  # which hardware a run used, to compare wall times in the MLflow UI
+            tracking.set_tags(run_id, {"device": describe_device(trainer.strategy.root_device)})
         trainer.fit(model, datamodule=datamodule, ckpt_path=resume_point.checkpoint if resume_point else None,
                     weights_only=False)  # our own checkpoint: it also holds RNG states and the metric journal
 

@@ -68,6 +68,17 @@ def worker_count() -> int:
         return max(1, os.cpu_count() or 1)
 
 
+def describe_device(device: Any) -> str:
+    """A torch device in words, e.g. ``cuda:0 (NVIDIA H100 80GB HBM3)`` or ``cpu (2 cores)``."""
+    import torch
+
+    device = torch.device(device)
+    if device.type == "cuda":
+        index = device.index if device.index is not None else torch.cuda.current_device()
+        return f"cuda:{index} ({torch.cuda.get_device_name(index)})"
+    return f"{device.type} ({worker_count()} cores)"
+
+
 def repo_root() -> Path:
     """The repository root (where ``conf/`` and ``mlruns/`` live)."""
     return Path(__file__).resolve().parents[2]

@@ -268,3 +268,21 @@ def test_explain_writes_gradcam_and_refuses_onnx(tiny_model, tmp_path, capsys):
     code, _, err = crackclf(capsys, "explain", "--model", str(tmp_path / "m.onnx"), str(files[0]), "--out",
                             str(tmp_path / "x.png"))
     assert code == 2 and "Grad-CAM needs PyTorch weights" in err
+
+
+def test_device_option_is_checked(tiny_model, capsys):
+    """``--device`` picks where the PyTorch backend runs; a GPU that is not there is named, not silently replaced."""
+    import torch
+
+    from crackclf.inference.predictor import resolve_device
+
+    assert resolve_device("cpu") == torch.device("cpu")
+    assert resolve_device("auto").type == ("cuda" if torch.cuda.is_available() else "cpu")
+    for bad, message in (("mps", "only cpu and cuda"), ("gpu0", "not a device name")):
+        code, _, err = crackclf(capsys, "predict", "--model", str(tiny_model.checkpoint), "--device", bad,
+                                str(tiny_model.heldout), "--no-progress")
+        assert code == 2 and message in err and repr(bad) in err
+    if not torch.cuda.is_available():
+        code, _, err = crackclf(capsys, "predict", "--model", str(tiny_model.checkpoint), "--device", "cuda",
+                                str(tiny_model.heldout), "--no-progress")
+        assert code == 2 and "sees no CUDA GPU" in err

@@ -8,6 +8,7 @@ The same entry travels in ONNX ``metadata_props`` and in the metadata of a regis
 
 from __future__ import annotations
 
+import copy
 import io
 import json
 import os
@@ -200,6 +201,9 @@ def onnx_bytes(network: CrackNet, info: BundleInfo) -> bytes:
     """The network as an ONNX model (dynamic batch axis) with the bundle info in its ``metadata_props``."""
     import onnx
 
+    if any(p.device.type != "cpu" for p in network.parameters()):
+        # A copy on the CPU: the network may be in use on a GPU (a PyTorch predictor sharing the same bundle).
+        network = copy.deepcopy(network).cpu()
     buffer = io.BytesIO()
     example = torch.zeros(1, 3, info.image_size, info.image_size)
     with warnings.catch_warnings():
@@ -277,7 +281,6 @@ def log_bundle_model(run_id: str, network: CrackNet, info: BundleInfo, registere
                      ) -> tuple[str, str | None]:
     """Log the network as an MLflow PyTorch model (signature, input example, bundle info as metadata) and register
     it under ``registered_model_name`` when given. Returns ``(model_uri, version)``."""
-    import copy
 
     from crackclf.tracking import mlflow as tracking
 

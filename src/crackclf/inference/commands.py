@@ -76,6 +76,8 @@ def _model_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--backend", choices=("auto", "torch", "onnx"), default="auto",
                         help="auto (default): ONNX Runtime on CPU (a checkpoint is converted in memory), "
                              "PyTorch on a GPU")
+    parser.add_argument("--device", default="auto",
+                        help="auto (default: the GPU when PyTorch sees one, else the CPU), cpu, cuda or cuda:N")
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--workers", type=int, default=None, help="decode workers (default: CPU cores)")
     parser.add_argument("--threads", type=int, default=None,
@@ -88,7 +90,8 @@ def _predictor(args: argparse.Namespace):
 
     return Predictor.load(args.model, backend=getattr(args, "backend", "auto"), threshold=args.threshold,
                           tta=getattr(args, "tta", False), batch_size=getattr(args, "batch_size", 64),
-                          workers=getattr(args, "workers", None), threads=getattr(args, "threads", None))
+                          workers=getattr(args, "workers", None), threads=getattr(args, "threads", None),
+                          device=getattr(args, "device", "cpu"))
 
 
 def expand_inputs(items: list[str]) -> tuple[list[str], list[tuple[str, str]]]:

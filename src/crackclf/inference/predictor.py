@@ -86,7 +86,8 @@ class Predictor:
         batch_size: images per forward pass.
         workers: decode workers for :meth:`predict_sources` (default: the usable CPU cores).
         parallel: ``"thread"`` (default; Pillow releases the GIL while decoding) or ``"process"``.
-        device: torch device for the PyTorch backend (default CPU).
+        device: ``"cpu"`` (default), ``"cuda"``/``"cuda:N"``, or ``"auto"`` (the GPU when PyTorch sees one); a GPU
+            runs the PyTorch backend (``backend="auto"`` picks it there).
         threads: intra-op threads of the model (ONNX Runtime session; for PyTorch this calls
             ``torch.set_num_threads``, which is process-wide). Default: leave PyTorch as it is, ONNX Runtime on
             every usable core. On a few shared cores, 1 leaves the decode workers room (see docs/deployment.md).
@@ -119,7 +120,7 @@ class Predictor:
         self.threshold: float = float(self.info.threshold if threshold is None else threshold)
         self.tta, self.batch_size, self.parallel = tta, batch_size, parallel
         self.workers = max(1, workers if workers is not None else worker_count())
-        self.device = torch.device(device)
+        self.device = resolve_device(device)
         if backend == "auto":
             # ONNX Runtime on CPU: on 2 cores `predict` ran 1.8x faster end to end than eager PyTorch
             # (scripts/bench_infer.py, docs/deployment.md); PyTorch where it can use an accelerator.
@@ -305,6 +306,27 @@ class Predictor:
         if self.tta:
             probabilities = probabilities.reshape(3, count).mean(axis=0)
         return probabilities
+
+
+def resolve_device(device: str | torch.device) -> torch.device:
+    """``"auto"`` → the first CUDA GPU when PyTorch sees one, else the CPU; any other name is checked, not guessed."""
+    if isinstance(device, torch.device):
+        return device
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        resolved = torch.device(device)
+    except RuntimeError as error:
+        raise ValueError(f"device={device!r} is not a device name; use auto, cpu, cuda or cuda:N.") from error
+    if resolved.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"device={device!r}: PyTorch sees no CUDA GPU here; use device auto or cpu.")
+        if resolved.index is not None and resolved.index >= torch.cuda.device_count():
+            raise ValueError(f"device={device!r}: only {torch.cuda.device_count()} CUDA GPU(s) visible "
+                             f"(cuda:0 to cuda:{torch.cuda.device_count() - 1}).")
+    elif resolved.type != "cpu":
+        raise ValueError(f"device={device!r}: only cpu and cuda are supported; use auto, cpu, cuda or cuda:N.")
+    return resolved
 
 
 def _decode(source: ImageSource, size: int) -> tuple[np.ndarray | None, str | None]:
