@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import json
 import platform
+import statistics
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -63,6 +64,8 @@ def main() -> None:
                         help="model intra-op threads (Predictor threads=; default: the library defaults)")
     parser.add_argument("--device", default="cpu",
                         help="where eager PyTorch runs: cpu (default), cuda, cuda:N, auto (ONNX Runtime stays on CPU)")
+    parser.add_argument("--repeats", type=int, default=5,
+                        help="alternating eager/ONNX Runtime rounds per batch size; medians are reported (default 5)")
     parser.add_argument("--batches", type=int, nargs="+", default=[1, 32], help="batch sizes to time (default 1 32)")
     parser.add_argument("--out", type=Path, default=None, help="also write the results as JSON here")
     args = parser.parse_args()
@@ -81,15 +84,23 @@ def main() -> None:
 
     rng = np.random.default_rng(0)
     pixels = rng.integers(0, 256, (max(args.batches), size, size, 3), dtype=np.uint8)
+    results["repeats"] = args.repeats
     for batch in args.batches:
         images = pixels[:batch]
-        for name, predictor in (("eager", eager), ("onnxruntime", onnx)):
-            value = rate(lambda p=predictor, x=images: p.predict_arrays(x), batch, args.seconds)
-            results[f"{name}_batch{batch}"] = round(value, 1)
-        speedup = results[f"onnxruntime_batch{batch}"] / results[f"eager_batch{batch}"]
+        rates: dict[str, list[float]] = {"eager": [], "onnxruntime": []}
+        # Alternate the backends, several rounds: a slow spell of the machine then hits both, not one of them.
+        for _ in range(args.repeats):
+            for name, predictor in (("eager", eager), ("onnxruntime", onnx)):
+                rates[name].append(rate(lambda p=predictor, x=images: p.predict_arrays(x), batch, args.seconds))
+        for name, values in rates.items():
+            results[f"{name}_batch{batch}"] = round(statistics.median(values), 1)
+        ratios = [o / e for o, e in zip(rates["onnxruntime"], rates["eager"], strict=True)]
+        speedup = statistics.median(ratios)
         results[f"onnx_speedup_batch{batch}"] = round(speedup, 2)
+        results[f"onnx_speedup_batch{batch}_range"] = [round(min(ratios), 2), round(max(ratios), 2)]
         print(f"batch {batch:>3}: eager {results[f'eager_batch{batch}']:>8.1f} img/s   onnxruntime "
-              f"{results[f'onnxruntime_batch{batch}']:>8.1f} img/s   ({speedup:.2f}x)")
+              f"{results[f'onnxruntime_batch{batch}']:>8.1f} img/s   ({speedup:.2f}x, median of {args.repeats} "
+              f"alternating rounds; range {min(ratios):.2f}-{max(ratios):.2f}x)")
 
     files = list_images(args.data, args.images)
     if not files:
