@@ -26,8 +26,8 @@ $(STAMP): pyproject.toml
 
 setup: $(STAMP) ## create .venv with crackclf and its dependencies
 
-train: $(STAMP) ## train the default recipe: make train DATA=/path/to/concrete_crack [ARGS="key=value ..."]
-	$(BIN)/python train.py $(DATA_ARG) $(ARGS)
+train: $(STAMP) ## train the default recipe (experiment=cpu_fast, <= 5 min): make train DATA=/path/to/concrete_crack [ARGS="key=value ..."]
+	$(BIN)/python train.py experiment=cpu_fast $(DATA_ARG) $(ARGS)
 
 sweep: $(STAMP) ## sweep the curated backbones (experiment=backbone_bench): make sweep DATA=... [ARGS=...]
 	$(BIN)/python train.py -m experiment=backbone_bench $(DATA_ARG) $(ARGS)

@@ -170,7 +170,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
             threshold=model.decision_threshold, run_id=run_id, pretrained_status=model.pretrained_status,
             timm_kwargs=dict(cfg.backbone.get("kwargs") or {}), tile_size=source_tile_size(datamodule.verify_report),
         )
-        if best_path:
+        if best_path and rank_zero_only.rank == 0:  # one writer: other DDP ranks have no verify report
             write_bundle_info(Path(best_path), info)
 
         results = {

@@ -10,14 +10,29 @@ from mlflow.tracking import MlflowClient
 from tests.conftest import run_train
 
 
+@pytest.fixture
+def uneven_dataset(tiny_dataset, tmp_path):
+    """33 no-crack and 20 crack images: each rank's half of the validation split then holds a different mix of the
+    classes, so its mean loss differs from the whole split's even for a model that scores every image of a class
+    alike (one that has separated these easy synthetic images)."""
+    import shutil
+
+    root = tmp_path / "uneven"
+    shutil.copytree(tiny_dataset, root)
+    for folder, keep in (("Negative", 33), ("Positive", 20)):  # validation: 5 + 3 images
+        for extra in sorted((root / folder).iterdir())[keep:]:
+            extra.unlink()
+    return root
+
+
 @pytest.mark.slow
-def test_two_process_cpu_ddp_logs_one_run_with_metrics_synced_over_ranks(tiny_dataset, tmp_path, mlflow_uri,
+def test_two_process_cpu_ddp_logs_one_run_with_metrics_synced_over_ranks(uneven_dataset, tmp_path, mlflow_uri,
                                                                           cache_dir):
     from crackclf.data.split import read_split
     from crackclf.inference.predictor import Predictor
     from crackclf.training.threshold import choose_threshold
 
-    result = run_train(f"data.root={tiny_dataset}", "trainer=ddp", "trainer.accelerator=cpu", "trainer.devices=2",
+    result = run_train(f"data.root={uneven_dataset}", "trainer=ddp", "trainer.accelerator=cpu", "trainer.devices=2",
                        "trainer.max_epochs=1", "data.image_size=32", "data.batch_size=16", "data.progress=false",
                        "callbacks.progress_bar.refresh_rate=0", f"hydra.run.dir={tmp_path / 'run'}")
     output = result.stdout + result.stderr
@@ -37,7 +52,7 @@ def test_two_process_cpu_ddp_logs_one_run_with_metrics_synced_over_ranks(tiny_da
     val = [row for row in read_split(split_csv) if row.split == "val"]
     assert len(val) % 2 == 0, "an even split keeps DistributedSampler from padding with repeated images"
     predictor = Predictor.load(f"runs:/{run.info.run_id}", workers=1)
-    predictions = list(predictor.predict_sources([str(tiny_dataset / row.path) for row in val]))
+    predictions = list(predictor.predict_sources([str(uneven_dataset / row.path) for row in val]))
     probabilities = np.array([p.probability for p in predictions], dtype=np.float64)
     labels = np.array([row.label for row in val])
 

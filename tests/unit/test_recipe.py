@@ -1,19 +1,53 @@
-"""The default composition is the shipped CPU recipe (experiment=cpu_fast), so `make train` runs what was measured."""
+"""`make train` runs the shipped CPU recipe (experiment=cpu_fast); `python train.py` composes the same recipe in one
+process without the time budget, so a plain run (and every test) trains what was measured, minus the wall clock."""
 
 from __future__ import annotations
 
 from omegaconf import OmegaConf
 
+from crackclf.config import cpu_data_parallel_devices
 from tests.unit.test_configs import compose_train
 
+# What the recipe adds to the defaults, and nothing else: data-parallel CPU processes (with the per-process batch that
+# keeps 128 images a step on 2 cores) and a wall-time budget, with
+# max_epochs as the budget's cap.
+RECIPE_ONLY = {("trainer", "devices"), ("trainer", "strategy"), ("trainer", "use_distributed_sampler"),
+               ("trainer", "max_epochs"), ("callbacks", "time_budget", "minutes"), ("data", "batch_size")}
 
-def test_defaults_equal_cpu_fast_recipe():
+
+def _leaves(values, prefix=()):
+    if isinstance(values, dict):
+        for key, value in values.items():
+            yield from _leaves(value, (*prefix, key))
+    else:
+        yield prefix, values
+
+
+def test_defaults_are_the_cpu_fast_recipe_but_for_processes_and_time_budget():
     default = compose_train([])
     recipe = compose_train(["experiment=cpu_fast"])
     as_dicts = [OmegaConf.to_container(cfg) for cfg in (default, recipe)]
     for values in as_dicts:
         values.pop("hydra")
-    assert as_dicts[0] == as_dicts[1]
+    default_leaves, recipe_leaves = (dict(_leaves(values)) for values in as_dicts)
+    differing = {key for key in default_leaves.keys() | recipe_leaves.keys()
+                 if default_leaves.get(key) != recipe_leaves.get(key)}
+    assert differing == RECIPE_ONLY
+    assert default.callbacks.time_budget.minutes is None and recipe.callbacks.time_budget.minutes == 4.75
+    assert OmegaConf.to_container(recipe.trainer)["devices"] == "${cpu_ranks:2}" and default.trainer.devices == 1
+
+
+def test_cpu_ranks_one_process_per_core_up_to_the_cap_and_one_gpu(monkeypatch):
+    import torch
+
+    import crackclf.utils
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    for cores, expected in ((1, 1), (2, 2), (16, 2)):
+        monkeypatch.setattr(crackclf.utils, "worker_count", lambda cores=cores: cores)
+        assert cpu_data_parallel_devices(2) == expected
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert cpu_data_parallel_devices(2) == 1
 
 
 def test_recipe_trains_lcnet_from_scratch_at_96px():

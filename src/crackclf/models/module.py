@@ -21,6 +21,7 @@ from torchmetrics.classification import (
 )
 
 from crackclf.models.backbone import CrackNet, create_backbone, set_backbone_trainable
+from crackclf.utils import worker_count
 
 log = logging.getLogger(__name__)
 
@@ -88,6 +89,18 @@ class CrackClassifier(pl.LightningModule):
         self.val_outputs: list[tuple[torch.Tensor, torch.Tensor]] = []
         # Set again at each epoch start; here too, because a run resumed mid-epoch skips that hook.
         self._train_started, self._train_images, self._train_elapsed = time.perf_counter(), 0, 0.0
+
+    # ----------------------------------------------------------------------------------------------------- setup
+    def setup(self, stage: str) -> None:
+        trainer = self.trainer
+        if trainer.world_size > 1 and trainer.strategy.root_device.type == "cpu":
+            # CPU data parallel (trainer=cpu_ddp): each process gets its share of the usable cores. Lightning's own
+            # choice divides os.cpu_count(), which counts the host's cores inside a container limited to fewer.
+            torch.set_num_threads(max(1, worker_count() // max(1, trainer.num_devices)))
+            # Every rank was seeded alike; the batch augmentation draws from the global RNG, so give each rank its
+            # own stream (else the same flips and jitter would be drawn for the different images of each rank).
+            if trainer.global_rank:
+                torch.manual_seed(torch.initial_seed() + trainer.global_rank)
 
     # ---------------------------------------------------------------------------------------------------- forward
     def forward(self, images: torch.Tensor) -> torch.Tensor:

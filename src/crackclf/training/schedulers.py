@@ -8,19 +8,41 @@ import torch
 from torch.optim.lr_scheduler import LambdaLR, OneCycleLR
 
 
+class WarmupCosineFactor:
+    """Learning-rate factor of step ``step``: linear warm-up over ``warmup_steps``, then cosine decay to
+    ``min_lr_ratio`` at ``total_steps``.
+
+    A class, not a closure: ``LambdaLR`` saves its attributes in checkpoints, and :class:`~crackclf.training.budget.
+    TimeBudget` may change ``total_steps`` once it knows how many epochs fit the time budget.
+    """
+
+    def __init__(self, total_steps: int, warmup_steps: int, min_lr_ratio: float) -> None:
+        self.total_steps, self.warmup_steps, self.min_lr_ratio = int(total_steps), int(warmup_steps), min_lr_ratio
+
+    def __call__(self, step: int) -> float:
+        if step < self.warmup_steps:
+            return (step + 1) / self.warmup_steps
+        progress = min(1.0, (step - self.warmup_steps) / max(1, self.total_steps - self.warmup_steps))
+        return self.min_lr_ratio + (1 - self.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
 def warmup_cosine(
     optimizer: torch.optim.Optimizer, total_steps: int, warmup_fraction: float = 0.05, min_lr_ratio: float = 0.01
 ) -> LambdaLR:
     """Linear warm-up over ``warmup_fraction`` of the steps, then cosine decay to ``min_lr_ratio`` × lr."""
     warmup = max(1, int(total_steps * warmup_fraction))
+    return LambdaLR(optimizer, WarmupCosineFactor(total_steps, warmup, min_lr_ratio))
 
-    def factor(step: int) -> float:
-        if step < warmup:
-            return (step + 1) / warmup
-        progress = min(1.0, (step - warmup) / max(1, total_steps - warmup))
-        return min_lr_ratio + (1 - min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
 
-    return LambdaLR(optimizer, factor)
+def set_total_steps(scheduler: object, total_steps: int) -> bool:
+    """Make a :func:`warmup_cosine` schedule end (reach its lowest rate) at ``total_steps``; the warm-up is kept.
+
+    Returns ``False`` for a scheduler that cannot be re-planned in flight (it then runs as it was planned).
+    """
+    factors = [f for f in getattr(scheduler, "lr_lambdas", []) if isinstance(f, WarmupCosineFactor)]
+    for factor in factors:
+        factor.total_steps = max(int(total_steps), factor.warmup_steps + 1)
+    return bool(factors)
 
 
 def one_cycle(optimizer: torch.optim.Optimizer, total_steps: int, pct_start: float = 0.25) -> OneCycleLR:
