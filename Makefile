@@ -13,7 +13,7 @@ DATA_ARG := $(if $(DATA),data.root=$(abspath $(DATA)),)
 
 .DEFAULT_GOAL := help
 .PHONY: help setup train sweep test test-all ui lint format clean data bench bench-data bench-infer bench-serve \
-	bench-recipe predict serve compare browser
+	bench-recipe bench-shift predict serve compare browser
 
 help: ## show this help
 	@grep -E '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "}; {printf "  make %-14s %s\n", $$1, $$2}'
@@ -93,3 +93,8 @@ format: $(STAMP) ## ruff format + autofix
 clean: ## remove outputs, caches and build files (keeps .venv and mlruns/)
 	rm -rf outputs multirun .cache .pytest_cache .ruff_cache src/*.egg-info bench reports
 	find . -name __pycache__ -type d -prune -exec rm -rf {} +
+
+bench-shift: $(STAMP) ## test split re-rendered as other cameras/files would give it: make bench-shift MODEL=... SPLIT=<run's split csv>
+	@test -n "$(MODEL)" -a -n "$(SPLIT)" || { echo "usage: make bench-shift MODEL=<model> SPLIT=<the run's data/split-*.csv> [DATA=...]"; exit 2; }
+	$(BIN)/python scripts/bench_shift.py --model $(MODEL) --split $(SPLIT) --data $(or $(DATA),$(SHARED_DATA)) \
+		--out bench/bench_shift.json $(ARGS)

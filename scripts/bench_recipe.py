@@ -54,7 +54,10 @@ def run_once(data: Path, overrides: list[str], work: Path, cache_dir: Path | Non
         "test_f1": metrics.get("test/f1"),
         "test_auroc": metrics.get("test/auroc"),
         "train_val_gap": metrics.get("train/gap"),
-        "early_stopped": len(train_history) < int(run.data.params.get("trainer.max_epochs", 0) or 0),
+        # Fewer epochs than planned (by the time budget when it is on, else trainer.max_epochs): early stopping.
+        "planned_epochs": int(metrics.get("budget/planned_epochs") or run.data.params.get("trainer.max_epochs", 0)),
+        "early_stopped": len(train_history) < int(metrics.get("budget/planned_epochs")
+                                                  or run.data.params.get("trainer.max_epochs", 0) or 0),
         "run_id": run.info.run_id,
         "cores": len(os.sched_getaffinity(0)),
         "cold_cache": cache_dir is None,

@@ -1,11 +1,11 @@
 """Fit a training run into a wall-clock budget: as many epochs as the machine's measured speed allows.
 
-Machines differ: the same 2-core recipe took ~28 s an epoch on one 2-core cloud machine and ~34-41 s on another
-(docs/recipe.md). A fixed epoch count is either too long for the slow one or wastes the fast one's budget. After the
-first epoch, :class:`TimeBudget` knows what an epoch (training and validation) costs here and how long the process
-has run (inventory, split and cache included), plans the number of epochs that still fit, and makes the
-learning-rate schedule end exactly there, so the last epochs still anneal. The plan is made once, stored in
-checkpoints (a resumed run keeps it) and logged as ``budget/planned_epochs``.
+Machines differ: in one process the same recipe took ~28 s an epoch on one 2-core cloud machine (AMD EPYC) and
+~48 s on another (Intel Xeon; docs/recipe.md). A fixed epoch count is either too long for the slow one or wastes
+the fast one's budget. After the first epoch, :class:`TimeBudget` knows what an epoch (training and validation)
+costs here and how long the process has run (inventory, split and cache included), plans the number of epochs that
+still fit, and makes the learning-rate schedule end exactly there, so the last epochs still anneal. The plan is
+made once, stored in checkpoints (a resumed run keeps it) and logged as ``budget/planned_epochs``.
 """
 
 from __future__ import annotations
@@ -31,7 +31,7 @@ class TimeBudget(pl.Callback):
             artifacts); three validation passes are added to it, as measured in the first epoch.
     """
 
-    def __init__(self, minutes: float | None, reserve_seconds: float = 10.0) -> None:
+    def __init__(self, minutes: float | None, reserve_seconds: float = 3.0) -> None:
         if minutes is not None and minutes <= 0:
             raise ValueError(f"callbacks.time_budget.minutes={minutes} must be > 0 (or null to switch it off).")
         if reserve_seconds < 0:

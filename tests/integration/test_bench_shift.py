@@ -1,0 +1,40 @@
+"""scripts/bench_shift.py as a user runs it: a model, its split CSV and data root in; one row per camera/file change
+out, through the normal prediction path."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+from crackclf.data.split import SplitRow, write_split
+from tests.conftest import REPO
+from tests.served_model import write_model
+
+
+def test_shift_benchmark_reports_every_condition_on_the_test_rows(tiny_dataset, tmp_path):
+    model = write_model(tmp_path)
+    files = sorted(p.relative_to(tiny_dataset).as_posix() for p in tiny_dataset.rglob("*.jpg"))
+    rows = [SplitRow(path, int(path.startswith("Positive")), index, "test" if index % 4 == 0 else "train", "")
+            for index, path in enumerate(files)]
+    split = write_split(tmp_path / "split.csv", rows)
+    out = tmp_path / "shift.json"
+    result = subprocess.run([sys.executable, str(REPO / "scripts" / "bench_shift.py"), "--model", str(model),
+                             "--split", str(split), "--data", str(tiny_dataset), "--out", str(out)],
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    test_rows = [r for r in rows if r.split == "test"]
+    assert f"{len(test_rows)} test images ({sum(r.label for r in test_rows)} cracks)" in result.stdout
+    report = json.loads(out.read_text())["results"]
+    assert len(report) == 10 and report[0]["delta_points"] == 0.0
+    assert {"JPEG quality 30", "grey scale"} <= {r["condition"] for r in report}
+    for row in report:
+        assert 0.0 <= row["accuracy"] <= 1.0 and 0.0 <= row["crack_recall"] <= 1.0
+
+
+def test_a_split_without_test_rows_is_refused_by_name(tiny_dataset, tmp_path):
+    split = write_split(tmp_path / "split.csv", [SplitRow("Negative/00000.jpg", 0, 0, "train", "")])
+    result = subprocess.run([sys.executable, str(REPO / "scripts" / "bench_shift.py"), "--model",
+                             str(write_model(tmp_path)), "--split", str(split), "--data", str(tiny_dataset)],
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode != 0 and f"{split}: no test rows" in result.stderr
