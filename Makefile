@@ -64,6 +64,11 @@ bench-serve: $(STAMP) ## load test of serve (2,000 requests, 8 concurrent, 127.0
 	$(BIN)/python scripts/bench_serve.py --model $(MODEL) --data $(or $(DATA),$(SHARED_DATA)) \
 		--out bench/bench_serve.json $(ARGS)
 
+bench-shift: $(STAMP) ## test split re-rendered as other cameras/files would give it: make bench-shift MODEL=... SPLIT=<run's split csv>
+	@test -n "$(MODEL)" -a -n "$(SPLIT)" || { echo "usage: make bench-shift MODEL=<model> SPLIT=<the run's data/split-*.csv> [DATA=...]"; exit 2; }
+	$(BIN)/python scripts/bench_shift.py --model $(MODEL) --split $(SPLIT) --data $(or $(DATA),$(SHARED_DATA)) \
+		--out bench/bench_shift.json $(ARGS)
+
 # The browser test (tests/e2e) drives Debian's chromium + chromedriver; installed here when missing and root.
 browser: ## install headless Chromium + chromedriver for the browser test (apt-get, as root)
 	@command -v chromium >/dev/null && command -v chromedriver >/dev/null || { \
@@ -93,8 +98,3 @@ format: $(STAMP) ## ruff format + autofix
 clean: ## remove outputs, caches and build files (keeps .venv and mlruns/)
 	rm -rf outputs multirun .cache .pytest_cache .ruff_cache src/*.egg-info bench reports
 	find . -name __pycache__ -type d -prune -exec rm -rf {} +
-
-bench-shift: $(STAMP) ## test split re-rendered as other cameras/files would give it: make bench-shift MODEL=... SPLIT=<run's split csv>
-	@test -n "$(MODEL)" -a -n "$(SPLIT)" || { echo "usage: make bench-shift MODEL=<model> SPLIT=<the run's data/split-*.csv> [DATA=...]"; exit 2; }
-	$(BIN)/python scripts/bench_shift.py --model $(MODEL) --split $(SPLIT) --data $(or $(DATA),$(SHARED_DATA)) \
-		--out bench/bench_shift.json $(ARGS)

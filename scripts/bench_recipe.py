@@ -46,6 +46,8 @@ def run_once(data: Path, overrides: list[str], work: Path, cache_dir: Path | Non
     metrics = run.data.metrics
     val_history = client.get_metric_history(run.info.run_id, "val/acc")
     train_history = client.get_metric_history(run.info.run_id, "train/acc")  # one point per trained epoch
+    # Planned by the time budget when it is on, else trainer.max_epochs.
+    planned = int(metrics.get("budget/planned_epochs") or run.data.params.get("trainer.max_epochs") or 0)
     return {
         "wall_s": round(wall, 1),
         "epochs": len(train_history),
@@ -54,10 +56,8 @@ def run_once(data: Path, overrides: list[str], work: Path, cache_dir: Path | Non
         "test_f1": metrics.get("test/f1"),
         "test_auroc": metrics.get("test/auroc"),
         "train_val_gap": metrics.get("train/gap"),
-        # Fewer epochs than planned (by the time budget when it is on, else trainer.max_epochs): early stopping.
-        "planned_epochs": int(metrics.get("budget/planned_epochs") or run.data.params.get("trainer.max_epochs", 0)),
-        "early_stopped": len(train_history) < int(metrics.get("budget/planned_epochs")
-                                                  or run.data.params.get("trainer.max_epochs", 0) or 0),
+        "planned_epochs": planned,
+        "early_stopped": len(train_history) < planned,  # fewer epochs than planned: early stopping (or the budget)
         "run_id": run.info.run_id,
         "cores": len(os.sched_getaffinity(0)),
         "cold_cache": cache_dir is None,

@@ -9,8 +9,7 @@ from crackclf.config import cpu_data_parallel_devices
 from tests.unit.test_configs import compose_train
 
 # What the recipe adds to the defaults, and nothing else: data-parallel CPU processes (with the per-process batch that
-# keeps 128 images a step on 2 cores) and a wall-time budget, with
-# max_epochs as the budget's cap.
+# keeps 128 images a step on 2 cores) and a wall-time budget, with max_epochs as the budget's cap.
 RECIPE_ONLY = {("trainer", "devices"), ("trainer", "strategy"), ("trainer", "use_distributed_sampler"),
                ("trainer", "max_epochs"), ("callbacks", "time_budget", "minutes"), ("data", "batch_size")}
 
