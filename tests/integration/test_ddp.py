@@ -32,12 +32,19 @@ def test_two_process_cpu_ddp_logs_one_run_with_metrics_synced_over_ranks(uneven_
     from crackclf.inference.predictor import Predictor
     from crackclf.training.threshold import choose_threshold
 
+    # Hard-example focus from the second epoch: each rank must gather the other's losses to draw the same order.
     result = run_train(f"data.root={uneven_dataset}", "trainer=ddp", "trainer.accelerator=cpu", "trainer.devices=2",
-                       "trainer.max_epochs=1", "data.image_size=32", "data.batch_size=16", "data.progress=false",
+                       "trainer.max_epochs=3", "data.image_size=32", "data.batch_size=8", "data.progress=false",
+                       "callbacks.hard_example_focus.start=1", "callbacks.hard_example_focus.uniform_last=0",
                        "callbacks.progress_bar.refresh_rate=0", f"hydra.run.dir={tmp_path / 'run'}")
     output = result.stdout + result.stderr
     assert result.returncode == 0, output[-4000:]
     assert "distributed_backend=gloo" in output and "MEMBER: 2/2" in output  # two ranks really ran
+    # Both ranks' losses were gathered before the draw (rank zero reports it): 37 training rows, each rank trains
+    # 2 whole batches of 8 of its 19, so the first epoch records 32 rows over the two ranks (16 on one alone).
+    focus_lines = [line for line in output.splitlines() if "hard-example focus" in line]
+    assert len(focus_lines) == 2, focus_lines
+    assert "from 37 (32 with a recorded loss)" in focus_lines[0], focus_lines
 
     client = MlflowClient(mlflow_uri)
     runs = client.search_runs([client.get_experiment_by_name("crack").experiment_id])

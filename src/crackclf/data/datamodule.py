@@ -5,7 +5,8 @@ from __future__ import annotations
 import itertools
 import logging
 import random
-from collections import defaultdict
+from collections import defaultdict, deque
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -68,6 +69,9 @@ class _EpochBatchSampler(BatchSampler):
 
     epoch = 0
     resume_at: tuple[int, int] | None = None
+    # The batches handed out and not yet trained, oldest first (the loader fetches one ahead), so the training
+    # step can learn which rows it trained on (crackclf.training.focus records their losses).
+    pending: deque | None = None
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
@@ -82,7 +86,36 @@ class _EpochBatchSampler(BatchSampler):
         epoch, skip = self._resume_position() if self.resume_at is not None else (self.epoch, 0)
         if hasattr(self.sampler, "set_epoch"):
             self.sampler.set_epoch(epoch)
-        yield from itertools.islice(super().__iter__(), skip, None)
+        if self.pending is None:
+            yield from itertools.islice(super().__iter__(), skip, None)
+            return
+        self.pending.clear()
+        for batch in itertools.islice(super().__iter__(), skip, None):
+            self.pending.append(batch)
+            yield batch
+
+
+class _FocusableOrder(Sampler[int]):
+    """This rank's share of the training order: the base sampler's, or in an epoch for which a drawn order was set
+    (:meth:`CrackDataModule.set_train_order`), that order's every ``world``-th row from ``rank``."""
+
+    def __init__(self, base: Sampler[int], rank: int, world: int,
+                 drawn: Callable[[], tuple[int, torch.Tensor] | None]) -> None:
+        self.base, self.rank, self.world, self.drawn, self.epoch = base, rank, world, drawn, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+        if hasattr(self.base, "set_epoch"):
+            self.base.set_epoch(epoch)
+
+    def __iter__(self):
+        drawn = self.drawn()
+        if drawn is not None and drawn[0] == self.epoch:
+            return iter(drawn[1][self.rank :: self.world][: len(self)].tolist())
+        return iter(self.base)
+
+    def __len__(self) -> int:
+        return len(self.base)
 
 
 class _CachedBatches(Dataset):
@@ -187,6 +220,10 @@ class CrackDataModule(pl.LightningDataModule):
         self._resume_at: tuple[int, int] | None = None  # set from a checkpoint by load_state_dict
         # Side of the training batches when smaller than image_size (set per epoch by ProgressiveResize).
         self.train_size: int | None = None
+        # (epoch, global order of training rows) drawn by HardExampleFocus; None: a uniform shuffle every epoch.
+        self._train_order: tuple[int, torch.Tensor] | None = None
+        self._train_batches: _EpochBatchSampler | None = None
+        self.last_train_rows: torch.Tensor | None = None  # rows of the batch being trained on
 
     # ----------------------------------------------------------------------------------------------- preparation
     def prepare(self) -> None:
@@ -310,9 +347,14 @@ class CrackDataModule(pl.LightningDataModule):
         drop_last = shuffle and len(shard if shard is not None else dataset) > self.batch_size
         base = shard if shard is not None else (
             EpochShuffle(len(dataset), self.seed) if shuffle else SequentialSampler(dataset))
+        if split == "train":
+            rank, world = (self.trainer.global_rank, self.trainer.world_size) if shard is not None else (0, 1)
+            base = _FocusableOrder(base, rank, world, lambda: self._train_order)
         sampler = _EpochBatchSampler(base, self.batch_size, drop_last=drop_last)
         if split == "train":
             sampler.resume_at = self._resume_at
+            sampler.pending = deque()
+            self._train_batches = sampler
         # A generator of its own keeps DataLoader iterators from drawing on the global RNG (augmentation's).
         if isinstance(dataset, _CachedBatches):
             return DataLoader(dataset, sampler=sampler, batch_size=None, num_workers=0, generator=generator)
@@ -334,6 +376,28 @@ class CrackDataModule(pl.LightningDataModule):
         if state_dict:
             self._resume_at = (int(state_dict["epoch"]), int(state_dict["batches_done"]))
 
+    # ------------------------------------------------------------------------------------ hard-example focus
+    @property
+    def train_rows_count(self) -> int:
+        """Rows of the training split (the row numbers the training batches are drawn from)."""
+        return len(self._datasets["train"])
+
+    @property
+    def train_draws_per_epoch(self) -> int:
+        """Rows one epoch draws over all ranks (DistributedSampler pads every shard to the same length)."""
+        world = self.trainer.world_size if self.trainer is not None else 1
+        return world * -(-self.train_rows_count // world)
+
+    def set_train_order(self, order: torch.Tensor | None, epoch: int | None = None) -> None:
+        """Train ``epoch`` (by default the next one) on ``order``: ``train_draws_per_epoch`` row numbers over all
+        ranks, the same on every rank; each rank trains on every ``world_size``-th of them."""
+        if order is None:
+            self._train_order = None
+            return
+        if epoch is None:
+            epoch = self.trainer.current_epoch + 1
+        self._train_order = (int(epoch), order.long().cpu())
+
     def train_dataloader(self) -> DataLoader:
         return self._loader("train", shuffle=True)
 
@@ -347,6 +411,8 @@ class CrackDataModule(pl.LightningDataModule):
         """uint8 → float in [0, 1] on the device; augment (and progressively resize) only while fitting."""
         images, labels = batch
         training = self.trainer is not None and self.trainer.training
+        if training and self._train_batches is not None and self._train_batches.pending:
+            self.last_train_rows = torch.as_tensor(self._train_batches.pending.popleft())
         if training and self.train_size and self.train_size != images.shape[-1]:
             # Shrink the uint8 batch before augmenting: PyTorch's antialiased uint8 resize is ~10x faster than
             # the float one, and the augmentation then touches fewer pixels.

@@ -87,6 +87,7 @@ class CrackClassifier(pl.LightningModule):
         self.last_val_acc: float | None = None
         self.history: list[dict[str, float]] = []  # per-epoch metrics, for plots without re-reading MLflow
         self.val_outputs: list[tuple[torch.Tensor, torch.Tensor]] = []
+        self.last_sample_losses: torch.Tensor | None = None
         # Set again at each epoch start; here too, because a run resumed mid-epoch skips that hook.
         self._train_started, self._train_images, self._train_elapsed = time.perf_counter(), 0, 0.0
 
@@ -111,9 +112,10 @@ class CrackClassifier(pl.LightningModule):
     def _step(self, batch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         images, labels = batch
         logits = self(images)
-        loss = F.cross_entropy(logits, labels, label_smoothing=self.hparams.label_smoothing)
+        losses = F.cross_entropy(logits, labels, label_smoothing=self.hparams.label_smoothing, reduction="none")
+        self.last_sample_losses = losses.detach()  # per image, for crackclf.training.focus
         probabilities = logits.float().softmax(dim=1)[:, 1]
-        return loss, probabilities.detach(), labels
+        return losses.mean(), probabilities.detach(), labels
 
     # ---------------------------------------------------------------------------------------------------- train
     def on_train_epoch_start(self) -> None:
