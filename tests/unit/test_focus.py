@@ -116,3 +116,41 @@ def test_each_rank_trains_on_its_own_share_of_the_drawn_order_in_the_epoch_it_wa
         shard.set_epoch(4)
     assert set(shards[0]) | set(shards[1]) == set(rows)  # a permutation of all rows, split over the ranks
     assert list(shards[0]) == list(shards[0].base)
+
+
+class _InterruptAt(pl.Callback):
+    """Ctrl-C just before batch ``batch`` of epoch ``epoch`` (ResumeCheckpoint then saves last.ckpt)."""
+
+    def __init__(self, epoch: int, batch: int) -> None:
+        self.epoch, self.batch = epoch, batch
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        if trainer.current_epoch == self.epoch and batch_idx == self.batch:
+            raise KeyboardInterrupt
+
+
+def test_a_run_resumed_mid_epoch_draws_what_an_uninterrupted_run_draws(tiny_dataset, tmp_path):
+    from crackclf.training.resume import ResumeCheckpoint
+
+    def fit(run: str, callbacks: list, ckpt_path: str | None = None) -> None:
+        pl.seed_everything(5)
+        data = CrackDataModule(str(tiny_dataset), image_size=32, batch_size=8, cache_dir=str(tmp_path / "c"),
+                               progress=False, min_per_class=1)
+        model = CrackClassifier({"name": "lcnet_050", "pretrained": False}, label_smoothing=0.05,
+                                optimizer=lambda params: torch.optim.AdamW(params, lr=1e-2), image_size=32)
+        trainer = pl.Trainer(max_epochs=4, accelerator="cpu", logger=False, enable_checkpointing=False,
+                             enable_progress_bar=False, num_sanity_val_steps=0, default_root_dir=tmp_path,
+                             callbacks=[HardExampleFocus(weight=0.7, start=1, uniform_last=0),
+                                        ResumeCheckpoint(tmp_path / run), *callbacks])
+        trainer.fit(model, datamodule=data, ckpt_path=ckpt_path, weights_only=False)
+
+    uninterrupted, first, resumed = _RecordRows(), _RecordRows(), _RecordRows()
+    fit("whole", [uninterrupted])
+    with pytest.raises(SystemExit):  # Lightning exits with status 1 after a Ctrl-C; last.ckpt is saved first
+        fit("cut", [first, _InterruptAt(epoch=1, batch=2)])  # inside the first focused epoch
+    assert max(first.rows) == 1 and len(first.rows[1]) == 16
+    fit("cut", [resumed], ckpt_path=str(tmp_path / "cut" / "last.ckpt"))
+    # The resumed run finishes epoch 1 with the rows the uninterrupted run trained on; the losses recorded before the
+    # interruption were kept, so the orders drawn for the later epochs are the same too.
+    assert first.rows[1] + resumed.rows[1] == uninterrupted.rows[1]
+    assert resumed.rows[2] == uninterrupted.rows[2] and resumed.rows[3] == uninterrupted.rows[3]
