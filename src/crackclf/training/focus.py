@@ -71,9 +71,11 @@ class HardExampleFocus(pl.Callback):
         self._values: list[torch.Tensor] = []
 
     # A resumed run continues with the recorded losses, those of the epoch it resumes in so far, and the order drawn
-    # for that epoch: it draws what an uninterrupted run would have drawn.
+    # for that epoch: it draws what an uninterrupted run would have drawn. Under DDP the checkpoint holds rank zero's
+    # state only, so the other ranks' losses of the interrupted epoch are lost: those rows keep their earlier losses.
     def state_dict(self) -> dict:
-        return {"losses": self.losses, "order": self._order, "epoch_rows": self._rows, "epoch_losses": self._values}
+        return {"losses": self.losses, "order": self._order, "epoch_rows": self._rows,
+                "epoch_losses": [values.cpu() for values in self._values]}
 
     def load_state_dict(self, state_dict: dict) -> None:
         self.losses, self._order = state_dict.get("losses"), state_dict.get("order")
@@ -90,7 +92,7 @@ class HardExampleFocus(pl.Callback):
         rows, losses = trainer.datamodule.last_train_rows, pl_module.last_sample_losses
         if rows is not None and losses is not None and len(rows) == len(losses):
             self._rows.append(rows.cpu())
-            self._values.append(losses.float().cpu())
+            self._values.append(losses.float())  # stays on the device until the epoch ends: no sync per step
 
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if not self.weight:
@@ -100,7 +102,7 @@ class HardExampleFocus(pl.Callback):
         if self.losses is None or len(self.losses) != size:
             self.losses = torch.full((size,), float("nan"))
         rows = torch.cat(self._rows) if self._rows else torch.empty(0, dtype=torch.long)
-        values = torch.cat(self._values) if self._values else torch.empty(0)
+        values = torch.cat([v.cpu() for v in self._values]) if self._values else torch.empty(0)
         self._rows, self._values = [], []  # emptied here, not at epoch start: a run resumed mid-epoch keeps them
         if trainer.world_size > 1:  # every rank needs every rank's losses to draw the same global order
             rows, values = _gather_all(trainer, rows, values)
