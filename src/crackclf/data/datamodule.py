@@ -388,14 +388,9 @@ class CrackDataModule(pl.LightningDataModule):
         world = self.trainer.world_size if self.trainer is not None else 1
         return world * -(-self.train_rows_count // world)
 
-    def set_train_order(self, order: torch.Tensor | None, epoch: int | None = None) -> None:
-        """Train ``epoch`` (by default the next one) on ``order``: ``train_draws_per_epoch`` row numbers over all
-        ranks, the same on every rank; each rank trains on every ``world_size``-th of them."""
-        if order is None:
-            self._train_order = None
-            return
-        if epoch is None:
-            epoch = self.trainer.current_epoch + 1
+    def set_train_order(self, order: torch.Tensor, epoch: int) -> None:
+        """Train ``epoch`` on ``order``: ``train_draws_per_epoch`` row numbers over all ranks, the same on every
+        rank; each rank trains on every ``world_size``-th of them. Other epochs keep the uniform shuffle."""
         self._train_order = (int(epoch), order.long().cpu())
 
     def train_dataloader(self) -> DataLoader:

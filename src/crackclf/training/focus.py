@@ -128,9 +128,10 @@ class HardExampleFocus(pl.Callback):
 def _gather_all(trainer: pl.Trainer, rows: torch.Tensor, values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """All ranks' (rows, losses) of the epoch; shorter shards are padded with -1 rows, which are dropped."""
     strategy = trainer.strategy
-    longest = int(strategy.reduce(torch.tensor(len(rows), dtype=torch.float32), reduce_op="max"))
-    padded_rows = torch.full((longest,), -1, dtype=torch.long)
-    padded_values = torch.zeros(longest)
+    device = strategy.root_device  # NCCL gathers only device tensors (gloo on CPU: the CPU)
+    longest = int(strategy.reduce(torch.tensor(len(rows), dtype=torch.float32, device=device), reduce_op="max"))
+    padded_rows = torch.full((longest,), -1, dtype=torch.long, device=device)
+    padded_values = torch.zeros(longest, device=device)
     padded_rows[: len(rows)], padded_values[: len(values)] = rows.long(), values
     all_rows = strategy.all_gather(padded_rows).reshape(-1).cpu()
     all_values = strategy.all_gather(padded_values).reshape(-1).cpu()
