@@ -55,7 +55,7 @@ def run_once(data: Path, overrides: list[str], work: Path, cache_dir: Path | Non
         "test_acc": metrics.get("test/acc"),
         "test_f1": metrics.get("test/f1"),
         "test_auroc": metrics.get("test/auroc"),
-        "train_val_gap": metrics.get("train/gap"),
+        "train_val_gap": metrics.get("train_val_gap"),  # unaugmented train sample - val
         "planned_epochs": planned,
         "early_stopped": len(train_history) < planned,  # fewer epochs than planned: early stopping (or the budget)
         "run_id": run.info.run_id,

@@ -100,6 +100,28 @@ def run_cli(*args: str, cwd: Path | None = None, timeout: float = 600, env: dict
     )
 
 
+
+def tiny_fit(dataset: Path, root: Path, callbacks: list, epochs: int, *, image_size: int = 32, batch_size: int = 16,
+             lr: float = 1e-2, scheduler=None, ckpt_path: str | None = None):
+    """Fit lcnet_050 from scratch on ``dataset`` in this process (CPU, no logger, no checkpoints unless a callback
+    writes them): the small real training run behind the callback tests. Returns ``(datamodule, trainer)``."""
+    import pytorch_lightning as pl
+    import torch
+
+    from crackclf.data.datamodule import CrackDataModule
+    from crackclf.models.module import CrackClassifier
+
+    data = CrackDataModule(str(dataset), image_size=image_size, batch_size=batch_size, cache_dir=str(root / "c"),
+                           progress=False, min_per_class=1)
+    model = CrackClassifier({"name": "lcnet_050", "pretrained": False}, label_smoothing=0.05,
+                            optimizer=lambda params: torch.optim.AdamW(params, lr=lr), scheduler=scheduler,
+                            image_size=image_size)
+    trainer = pl.Trainer(max_epochs=epochs, accelerator="cpu", logger=False, enable_checkpointing=False,
+                         enable_progress_bar=False, num_sanity_val_steps=0, callbacks=callbacks,
+                         default_root_dir=root)
+    trainer.fit(model, datamodule=data, ckpt_path=ckpt_path, weights_only=False)
+    return data, trainer
+
 @pytest.fixture(scope="session")
 def bad_corpus(tmp_path_factory) -> list:
     """The bad-input corpus of tests/corpus.py in its own folder (session-wide, read-only by convention)."""

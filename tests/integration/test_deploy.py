@@ -238,6 +238,28 @@ def test_sources_arrays_bytes_and_process_pool_agree(tiny_model):
     assert thread.predict_one(b"").error == "empty file (0 bytes)"
 
 
+
+def test_onnx_batches_run_as_parallel_shards_in_order(tiny_model):
+    arrays = np.stack([load_resized(f, 32) for f in heldout_files(tiny_model.heldout)])[:21]
+    model = load_model(tiny_model.checkpoint)
+    one = Predictor(model, backend="onnx", threads=1).predict_arrays(arrays)
+    sharded = Predictor(model, backend="onnx", threads=3)
+
+    class RecordingSession:  # the real session, with the batch size of every run noted
+        def __init__(self, session) -> None:
+            self.session, self.sizes = session, []
+
+        def run(self, outputs, feeds):
+            self.sizes.append(len(next(iter(feeds.values()))))
+            return self.session.run(outputs, feeds)
+
+    sharded._session = recording = RecordingSession(sharded._session)
+    np.testing.assert_allclose(sharded.predict_arrays(arrays), one, atol=1e-6)
+    assert sorted(recording.sizes) == [10, 11]  # 21 images: 2 shards of >= 8 (MIN_SHARD), not 3
+    recording.sizes.clear()
+    np.testing.assert_allclose(sharded.predict_arrays(arrays[:15]), one[:15], atol=1e-6)
+    assert recording.sizes == [15]  # too few for two shards of 8: one run
+
 # --------------------------------------------------------------------------------------------- export, explain
 @pytest.mark.shared_data
 def test_export_onnx_parity_on_real_images(tiny_model, shared_data, tmp_path):

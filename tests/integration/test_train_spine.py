@@ -36,7 +36,7 @@ def test_fast_dev_run_on_generated_folder(tiny_dataset, tmp_path, mlflow_uri, ca
     client, run = only_run(mlflow_uri)
     assert run.info.status == "FINISHED"  # fast_dev_run logs no metrics (Lightning swaps in a dummy logger)
     assert run.data.tags["pretrained"] == "scratch"
-    assert run.data.params["backbone.name"] == "lcnet_050"  # the default recipe
+    assert run.data.params["backbone.name"] == "mobilenetv3_small_100"  # the default recipe
     assert "test/acc" in result.stdout  # the summary table is printed
 
 
@@ -59,8 +59,13 @@ def test_short_real_run_reaches_95_percent_and_logs_everything(shared_data, tmp_
     # One val/acc per epoch, plus the re-validation of the best checkpoint after fit (the threshold is chosen there).
     assert len(val_history) == epochs + 1
     assert max(m.value for m in val_history) >= 0.95
-    for key in ("test/acc", "test/f1", "test/auroc", "test/precision", "test/recall", "val/loss", "train/gap"):
+    for key in ("test/acc", "test/f1", "test/auroc", "test/precision", "test/recall", "val/loss", "train/gap",
+                "train/clean_acc", "train_val_gap"):
         assert key in run.data.metrics, key
+    metrics = run.data.metrics
+    # The final gap: an unaugmented training sample against the re-validation of the deployed weights.
+    assert metrics["train/clean_acc"] >= 0.95
+    assert metrics["train_val_gap"] == pytest.approx(metrics["train/clean_acc"] - metrics["val/acc"], abs=1e-6)
     artifacts = artifact_paths(client, run_id)
     assert {"config.yaml", "plots/curves.png", "plots/confusion_test.png", "checkpoints/best.ckpt"} <= artifacts
     assert any(p.startswith("data/split-") and p.endswith(".csv") for p in artifacts)

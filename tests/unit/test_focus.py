@@ -7,8 +7,8 @@ import pytorch_lightning as pl
 import torch
 
 from crackclf.data.datamodule import CrackDataModule
-from crackclf.models.module import CrackClassifier
 from crackclf.training.focus import HardExampleFocus, focused_order
+from tests.conftest import tiny_fit
 
 
 def test_draws_follow_the_excess_loss_and_keep_a_uniform_share():
@@ -64,15 +64,8 @@ class _RecordRows(pl.Callback):
 
 
 def _fit(tiny_dataset, tmp_path, focus: HardExampleFocus, epochs: int) -> tuple[CrackDataModule, _RecordRows]:
-    data = CrackDataModule(str(tiny_dataset), image_size=32, batch_size=8, cache_dir=str(tmp_path / "c"),
-                           progress=False, min_per_class=1)
-    model = CrackClassifier({"name": "lcnet_050", "pretrained": False}, label_smoothing=0.05,
-                            optimizer=lambda params: torch.optim.AdamW(params, lr=1e-2), image_size=32)
     recorder = _RecordRows()
-    trainer = pl.Trainer(max_epochs=epochs, accelerator="cpu", logger=False, enable_checkpointing=False,
-                         enable_progress_bar=False, num_sanity_val_steps=0, callbacks=[focus, recorder],
-                         default_root_dir=tmp_path)
-    trainer.fit(model, datamodule=data)
+    data, _ = tiny_fit(tiny_dataset, tmp_path, [focus, recorder], epochs, batch_size=8)
     return data, recorder
 
 
@@ -134,15 +127,9 @@ def test_a_run_resumed_mid_epoch_draws_what_an_uninterrupted_run_draws(tiny_data
 
     def fit(run: str, callbacks: list, ckpt_path: str | None = None) -> None:
         pl.seed_everything(5)
-        data = CrackDataModule(str(tiny_dataset), image_size=32, batch_size=8, cache_dir=str(tmp_path / "c"),
-                               progress=False, min_per_class=1)
-        model = CrackClassifier({"name": "lcnet_050", "pretrained": False}, label_smoothing=0.05,
-                                optimizer=lambda params: torch.optim.AdamW(params, lr=1e-2), image_size=32)
-        trainer = pl.Trainer(max_epochs=4, accelerator="cpu", logger=False, enable_checkpointing=False,
-                             enable_progress_bar=False, num_sanity_val_steps=0, default_root_dir=tmp_path,
-                             callbacks=[HardExampleFocus(weight=0.7, start=1, uniform_last=0),
-                                        ResumeCheckpoint(tmp_path / run), *callbacks])
-        trainer.fit(model, datamodule=data, ckpt_path=ckpt_path, weights_only=False)
+        tiny_fit(tiny_dataset, tmp_path, [HardExampleFocus(weight=0.7, start=1, uniform_last=0),
+                                          ResumeCheckpoint(tmp_path / run), *callbacks], 4, batch_size=8,
+                 ckpt_path=ckpt_path)
 
     uninterrupted, first, resumed = _RecordRows(), _RecordRows(), _RecordRows()
     fit("whole", [uninterrupted])

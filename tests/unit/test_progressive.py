@@ -4,11 +4,9 @@ from __future__ import annotations
 
 import pytest
 import pytorch_lightning as pl
-import torch
 
-from crackclf.data.datamodule import CrackDataModule
-from crackclf.models.module import CrackClassifier
 from crackclf.training.progressive import ProgressiveResize
+from tests.conftest import tiny_fit
 
 
 class _RecordSizes(pl.Callback):
@@ -26,15 +24,8 @@ class _RecordSizes(pl.Callback):
 
 
 def _fit(tiny_dataset, tmp_path, resize: ProgressiveResize, epochs: int, image_size: int = 48) -> _RecordSizes:
-    data = CrackDataModule(str(tiny_dataset), image_size=image_size, batch_size=16, cache_dir=str(tmp_path / "c"),
-                           progress=False, min_per_class=1)
-    model = CrackClassifier({"name": "lcnet_050", "pretrained": False},
-                            optimizer=lambda params: torch.optim.AdamW(params, lr=1e-3), image_size=image_size)
     recorder = _RecordSizes()
-    trainer = pl.Trainer(max_epochs=epochs, accelerator="cpu", logger=False, enable_checkpointing=False,
-                         enable_progress_bar=False, num_sanity_val_steps=0, callbacks=[resize, recorder],
-                         default_root_dir=tmp_path)
-    trainer.fit(model, datamodule=data)
+    tiny_fit(tiny_dataset, tmp_path, [resize, recorder], epochs, image_size=image_size, lr=1e-3)
     return recorder
 
 

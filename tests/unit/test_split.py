@@ -137,3 +137,38 @@ def test_straddling_groups_counts_only_leaks(duplicated, tmp_path):
         other = "test" if row.split != "test" else "train"
         moved.append(row if first else SplitRow(row.path, row.label, row.group, other, row.md5))
     assert straddling_groups(moved, readable, NEAR_DUPLICATE_BITS) == summary.merged_groups
+
+
+def test_training_sample_is_fixed_and_shared_out_over_ranks(tiny_dataset, tmp_path):
+    """The sample behind the final train−val gap (crackclf.train): the same rows every time, read as validation
+    reads images, and under DDP split over the ranks without overlap."""
+    from types import SimpleNamespace
+
+    import torch
+
+    module = CrackDataModule(str(tiny_dataset), image_size=32, batch_size=8, cache_dir=str(tmp_path / "cache"),
+                             progress=False, min_per_class=1)
+    module.setup("fit")
+    train = module._datasets["train"]
+
+    def sample(size: int) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        batches = [module.on_after_batch_transfer(batch, 0) for batch in module.train_sample_dataloader(size)]
+        return [images for images, _ in batches], [labels for _, labels in batches]
+
+    images, labels = sample(20)
+    assert sum(len(x) for x in images) == 20 and max(len(x) for x in images) <= 8
+    again, _ = sample(20)
+    assert all(torch.equal(a, b) for a, b in zip(images, again, strict=True))
+    # Each image is one of the training split's, as validation would see it (uint8 / 255).
+    pixels = train.images.float().div(255).flatten(1)
+    for image, label in zip(torch.cat(images), torch.cat(labels), strict=True):
+        match = (pixels - image.flatten()).abs().amax(1) == 0
+        assert match.any() and bool((train.labels[match] == label).all())
+    # Under DDP each rank reads every world_size-th row of the same sample: together the whole sample, once.
+    rows = {}
+    for rank in (0, 1):
+        module.trainer = SimpleNamespace(world_size=2, global_rank=rank)
+        rows[rank] = [r for batch in module.train_sample_dataloader(20).sampler for r in batch]
+    module.trainer = None
+    whole = [r for batch in module.train_sample_dataloader(20).sampler for r in batch]
+    assert rows[0] == whole[0::2] and rows[1] == whole[1::2]

@@ -9,10 +9,9 @@ import pytorch_lightning as pl
 import torch
 
 import crackclf.training.budget as budget_module
-from crackclf.data.datamodule import CrackDataModule
-from crackclf.models.module import CrackClassifier
 from crackclf.training.budget import TimeBudget
 from crackclf.training.schedulers import WarmupCosineFactor, set_total_steps, warmup_cosine
+from tests.conftest import tiny_fit
 
 
 class _RecordLR(pl.Callback):
@@ -24,17 +23,9 @@ class _RecordLR(pl.Callback):
 
 
 def _fit(tiny_dataset, tmp_path, budget: TimeBudget, max_epochs: int) -> tuple[pl.Trainer, _RecordLR]:
-    data = CrackDataModule(str(tiny_dataset), image_size=32, batch_size=16, cache_dir=str(tmp_path / "c"),
-                           progress=False, min_per_class=1)
-    model = CrackClassifier({"name": "lcnet_050", "pretrained": False},
-                            optimizer=lambda params: torch.optim.AdamW(params, lr=1e-2),
-                            scheduler=lambda optimizer, total_steps: warmup_cosine(optimizer, total_steps, 0.05),
-                            image_size=32)
     recorder = _RecordLR()
-    trainer = pl.Trainer(max_epochs=max_epochs, accelerator="cpu", logger=False, enable_checkpointing=False,
-                         enable_progress_bar=False, num_sanity_val_steps=0, callbacks=[budget, recorder],
-                         default_root_dir=tmp_path)
-    trainer.fit(model, datamodule=data)
+    _, trainer = tiny_fit(tiny_dataset, tmp_path, [budget, recorder], max_epochs,
+                          scheduler=lambda optimizer, total_steps: warmup_cosine(optimizer, total_steps, 0.05))
     return trainer, recorder
 
 
@@ -48,7 +39,7 @@ def test_a_spent_budget_stops_after_the_first_epoch(tiny_dataset, tmp_path):
 def test_plan_from_the_measured_epoch_and_schedule_ending_there(tiny_dataset, tmp_path, monkeypatch):
     # A clock that advances 10 s at every reading: an epoch (start, validation start/end, end) takes 30 s, of which
     # validation 10 s; the process "started" at 0. After epoch 0 (t=40 s) a 120 s budget leaves
-    # 120 - 40 - 3 x 10 = 50 s: one more 30 s epoch fits, so 2 epochs in all instead of max_epochs=6.
+    # 120 - 40 - 4 x 10 = 40 s: one more 30 s epoch fits, so 2 epochs in all instead of max_epochs=6.
     ticks = iter(range(10, 10_000, 10))
     monkeypatch.setattr(budget_module, "time", SimpleNamespace(monotonic=lambda: float(next(ticks))))
     monkeypatch.setattr(budget_module, "PROCESS_STARTED", 0.0)

@@ -402,6 +402,20 @@ class CrackDataModule(pl.LightningDataModule):
     def test_dataloader(self) -> DataLoader:
         return self._loader("test", shuffle=False)
 
+    def train_sample_dataloader(self, size: int) -> DataLoader:
+        """``size`` training rows drawn once with the data seed, unaugmented and in order: the training split
+        measured the way validation is (the honest train–val gap). Under DDP each rank reads every
+        ``world_size``-th of them."""
+        dataset = self._datasets["train"]
+        generator = torch.Generator().manual_seed(self.seed)
+        rows = torch.randperm(len(dataset), generator=generator)[: max(1, size)].tolist()
+        if self.trainer is not None and self.trainer.world_size > 1:
+            rows = rows[self.trainer.global_rank :: self.trainer.world_size]
+        batches = BatchSampler(rows, self.batch_size, drop_last=False)
+        if isinstance(dataset, _CachedBatches):
+            return DataLoader(dataset, sampler=batches, batch_size=None, num_workers=0)
+        return DataLoader(dataset, batch_sampler=batches, num_workers=self.num_workers)
+
     def on_after_batch_transfer(self, batch, dataloader_idx: int):
         """uint8 → float in [0, 1] on the device; augment (and progressively resize) only while fitting."""
         images, labels = batch

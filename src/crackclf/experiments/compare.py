@@ -22,7 +22,7 @@ METRIC_COLUMNS = (
     ("test acc", "test/acc"),
     ("test F1", "test/f1"),
     ("test AUROC", "test/auroc"),
-    ("train−val gap", "train/gap"),
+    ("train−val gap", "train_val_gap"),
 )
 PARAM_COLUMNS = (("lr", "optimizer.lr"), ("wd", "optimizer.weight_decay"), ("img", "data.image_size"),
                  ("batch", "data.batch_size"))

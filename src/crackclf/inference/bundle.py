@@ -24,7 +24,7 @@ import torch
 from torch import nn
 
 from crackclf.models.backbone import CrackNet
-from crackclf.utils import atomic_write, worker_count
+from crackclf.utils import atomic_write
 
 BUNDLE_KEY = "crackclf"
 BUNDLE_VERSION = 1
@@ -224,14 +224,16 @@ def save_onnx(network: CrackNet, info: BundleInfo, path: str | os.PathLike) -> P
     return atomic_write(Path(path), lambda tmp: tmp.write_bytes(data))
 
 
-def _ort_session(model: bytes, threads: int | None = None):
+def _ort_session(model: bytes):
     import onnxruntime as ort
 
     options = ort.SessionOptions()
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    options.intra_op_num_threads = threads or worker_count()
-    # Idle intra-op threads sleep instead of spinning: spinning burnt ~60 % more CPU per served request on 2 shared
-    # cores (scripts/bench_serve.py: 7.6 vs 4.7 ms) and starves the HTTP event loop; big batches do not notice.
+    # One intra-op thread per run; a Predictor uses several cores by running shards of a batch side by side
+    # (Predictor threads=). Two intra-op threads that sleep between operators were slower than one even at batch
+    # 1 (mobilenetv3_small_100, 96 px: 1,584 vs 1,811 img/s), and idle threads that spin instead burnt ~60 % more
+    # CPU per served request on 2 shared cores (scripts/bench_serve.py) and starve the decode threads.
+    options.intra_op_num_threads = 1
     options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     options.log_severity_level = 3
     return ort.InferenceSession(model, options, providers=["CPUExecutionProvider"])
@@ -239,7 +241,7 @@ def _ort_session(model: bytes, threads: int | None = None):
 
 def load_onnx(path: str | os.PathLike) -> LoadedModel:
     """Read an ``.onnx`` written by crackclf, with its bundle info from the metadata (the ONNX Runtime session is
-    created on first use, so that its thread count can still be chosen)."""
+    created on first use)."""
     import onnx
 
     path = Path(path)
@@ -259,12 +261,12 @@ def load_onnx(path: str | os.PathLike) -> LoadedModel:
     return LoadedModel(BundleInfo.from_dict(json.loads(metadata[BUNDLE_KEY])), str(path.resolve()), onnx=data)
 
 
-def onnx_session(model: LoadedModel, threads: int | None = None):
-    """The model's ONNX Runtime session (``threads`` intra-op threads, default: the usable cores), created once;
-    a PyTorch model is exported to ONNX in memory first."""
+def onnx_session(model: LoadedModel):
+    """The model's ONNX Runtime session (one intra-op thread per run; thread-safe), created once; a PyTorch model
+    is exported to ONNX in memory first."""
     if model.session is None:
         data = model.onnx if model.onnx is not None else onnx_bytes(model.network, model.info)
-        model.session = _ort_session(data, threads)
+        model.session = _ort_session(data)
     return model.session
 
 

@@ -51,6 +51,7 @@ from crackclf.utils import worker_count
 log = logging.getLogger(__name__)
 
 BACKENDS = ("auto", "torch", "onnx")
+MIN_SHARD = 8  # images: ONNX Runtime batches are split for parallel runs only into shards at least this big
 PARALLEL = ("thread", "process")
 
 
@@ -88,8 +89,9 @@ class Predictor:
         parallel: ``"thread"`` (default; Pillow releases the GIL while decoding) or ``"process"``.
         device: ``"cpu"`` (default), ``"cuda"``/``"cuda:N"``, or ``"auto"`` (the GPU when PyTorch sees one); a GPU
             runs the PyTorch backend (``backend="auto"`` picks it there).
-        threads: intra-op threads of the model (ONNX Runtime session; for PyTorch this calls
-            ``torch.set_num_threads``, which is process-wide). Default: leave PyTorch as it is, ONNX Runtime on
+        threads: cores one model call may use. ONNX Runtime: a batch of at least ``2 * MIN_SHARD`` images is
+            split into up to ``threads`` shards run side by side, each on one thread. PyTorch: this calls
+            ``torch.set_num_threads``, which is process-wide. Default: leave PyTorch as it is, ONNX Runtime on
             every usable core. On a few shared cores, 1 leaves the decode workers room (see docs/deployment.md).
     """
 
@@ -135,8 +137,12 @@ class Predictor:
             # channels-last runs the convolutions ~1.4x faster on CPU (measured in scripts/bench_infer.py).
             self._network = model.network.to(self.device, memory_format=torch.channels_last).eval()
         else:
-            self._session = onnx_session(model, threads)
+            self._session = onnx_session(model)
             self._input_name = self._session.get_inputs()[0].name
+            self._shards = max(1, threads or worker_count())
+            # The calling thread runs one shard itself; the pool, the others.
+            self._shard_pool = (ThreadPoolExecutor(self._shards - 1, thread_name_prefix="crackclf-onnx")
+                                if self._shards > 1 else None)
 
     @classmethod
     def load(cls, source: str | os.PathLike, **options: Any) -> Predictor:
@@ -301,11 +307,22 @@ class Predictor:
                 tensor = torch.from_numpy(images).to(self.device).contiguous(memory_format=torch.channels_last)
                 probabilities = self._network(tensor).float().softmax(dim=1)[:, 1].cpu().numpy()
         else:
-            probabilities = self._session.run(None, {self._input_name: images})[0][:, 1]
+            probabilities = self._run_onnx(images)[:, 1]
         probabilities = probabilities.astype(np.float32)
         if self.tta:
             probabilities = probabilities.reshape(3, count).mean(axis=0)
         return probabilities
+
+    def _run_onnx(self, images: np.ndarray) -> np.ndarray:
+        """Class probabilities from ONNX Runtime: shards of the batch run side by side, one thread each (on 2 cores
+        this ran mobilenetv3_small_100 at batch 32 1.46x faster than one run on 2 intra-op threads)."""
+        shards = min(self._shards, len(images) // MIN_SHARD)
+        if shards <= 1:
+            return self._session.run(None, {self._input_name: images})[0]
+        parts = np.array_split(images, shards)
+        futures = [self._shard_pool.submit(self._session.run, None, {self._input_name: part}) for part in parts[1:]]
+        first = self._session.run(None, {self._input_name: parts[0]})[0]
+        return np.concatenate([first, *(future.result()[0] for future in futures)])
 
 
 def resolve_device(device: str | torch.device) -> torch.device:

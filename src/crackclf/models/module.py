@@ -51,7 +51,8 @@ class CrackClassifier(pl.LightningModule):
         image_size: input side in pixels (recorded with the model).
         class_names: names of class 0 and class 1.
         label_smoothing: cross-entropy label smoothing.
-        max_gap: a final ``train/acc − val/acc`` above this flags the run as overfitting.
+        max_gap: a final train−val accuracy gap (unaugmented training sample vs validation, measured by
+            ``crackclf.train`` after fitting) above this flags the run as overfitting.
         channels_last: use the channels-last memory format (faster convolutions on many CPUs and GPUs).
     """
 
