@@ -187,8 +187,11 @@ def run(cfg: DictConfig) -> dict[str, Any]:
             "train_val_gap": final_gap,
             **{k: float(v) for k, v in test_results.items()},
         }
-        matrix = (_confusion(model, datamodule, datamodule.test_dataloader(), trainer, model.decision_threshold)
-                  if test_results else None)
+        matrix = None
+        if test_results:
+            probabilities, labels = model.test_probabilities()
+            matrix = np.zeros((2, 2), dtype=np.int64)
+            np.add.at(matrix, (labels.numpy(), (probabilities.numpy() >= model.decision_threshold).astype(int)), 1)
         if run_id:
             tracking.log_metrics(run_id, {"threshold": model.decision_threshold, "epochs_run": trainer.current_epoch,
                                           "train/clean_acc": train_accuracy, "train_val_gap": final_gap})
@@ -239,7 +242,8 @@ def _best_effort(what: str, action, *args) -> None:
 
 
 def _confusion(model, datamodule, loader, trainer, threshold: float) -> np.ndarray:
-    """Confusion matrix of ``loader``'s images, unaugmented, at ``threshold`` (rows: true, columns: predicted)."""
+    """Confusion matrix of ``loader``'s images, unaugmented, at ``threshold`` (rows: true, columns: predicted);
+    under DDP summed over the ranks."""
     import torch
 
     matrix = np.zeros((2, 2), dtype=np.int64)

@@ -39,7 +39,7 @@ def test_a_spent_budget_stops_after_the_first_epoch(tiny_dataset, tmp_path):
 def test_plan_from_the_measured_epoch_and_schedule_ending_there(tiny_dataset, tmp_path, monkeypatch):
     # A clock that advances 10 s at every reading: an epoch (start, validation start/end, end) takes 30 s, of which
     # validation 10 s; the process "started" at 0. After epoch 0 (t=40 s) a 120 s budget leaves
-    # 120 - 40 - 4 x 10 = 40 s: one more 30 s epoch fits, so 2 epochs in all instead of max_epochs=6.
+    # 120 - 40 - 3 x 10 = 50 s: one more 30 s epoch fits, so 2 epochs in all instead of max_epochs=6.
     ticks = iter(range(10, 10_000, 10))
     monkeypatch.setattr(budget_module, "time", SimpleNamespace(monotonic=lambda: float(next(ticks))))
     monkeypatch.setattr(budget_module, "PROCESS_STARTED", 0.0)

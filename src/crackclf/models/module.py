@@ -88,6 +88,7 @@ class CrackClassifier(pl.LightningModule):
         self.last_val_acc: float | None = None
         self.history: list[dict[str, float]] = []  # per-epoch metrics, for plots without re-reading MLflow
         self.val_outputs: list[tuple[torch.Tensor, torch.Tensor]] = []
+        self.test_outputs: list[tuple[torch.Tensor, torch.Tensor]] = []
         self.last_sample_losses: torch.Tensor | None = None
         # Set again at each epoch start; here too, because a run resumed mid-epoch skips that hook.
         self._train_started, self._train_images, self._train_elapsed = time.perf_counter(), 0, 0.0
@@ -179,8 +180,15 @@ class CrackClassifier(pl.LightningModule):
 
     def validation_probabilities(self) -> tuple[torch.Tensor, torch.Tensor]:
         """Crack probabilities and labels of the last validation pass."""
-        probabilities = torch.cat([p for p, _ in self.val_outputs]) if self.val_outputs else torch.empty(0)
-        labels = torch.cat([y for _, y in self.val_outputs]) if self.val_outputs else torch.empty(0)
+        return self._gathered(self.val_outputs)
+
+    def test_probabilities(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Crack probabilities and labels of the last test pass (for the confusion matrix, without a second pass)."""
+        return self._gathered(self.test_outputs)
+
+    def _gathered(self, outputs: list[tuple[torch.Tensor, torch.Tensor]]) -> tuple[torch.Tensor, torch.Tensor]:
+        probabilities = torch.cat([p for p, _ in outputs]) if outputs else torch.empty(0)
+        labels = torch.cat([y for _, y in outputs]) if outputs else torch.empty(0)
         if self.trainer is not None and self.trainer.world_size > 1:  # DDP: each rank holds only its shard
             probabilities = self.all_gather(probabilities).flatten().cpu()
             labels = self.all_gather(labels).flatten().cpu()
@@ -189,10 +197,12 @@ class CrackClassifier(pl.LightningModule):
     # ---------------------------------------------------------------------------------------------------- test
     def on_test_epoch_start(self) -> None:
         self.test_metrics = stage_metrics("test", self.decision_threshold).to(self.device)
+        self.test_outputs = []
 
     def test_step(self, batch, batch_index: int) -> None:
         loss, probabilities, labels = self._step(batch)
         self.test_metrics.update(probabilities, labels)
+        self.test_outputs.append((probabilities.cpu(), labels.cpu()))
         self.log("test/loss", loss, on_step=False, on_epoch=True, batch_size=len(labels), sync_dist=True)
 
     def on_test_epoch_end(self) -> None:

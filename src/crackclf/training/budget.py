@@ -28,8 +28,8 @@ class TimeBudget(pl.Callback):
     Args:
         minutes: the whole run's budget (data preparation, training, testing and logging); ``None`` disables it.
         reserve_seconds: time kept for what follows training when planning (threshold pass, test, plots, MLflow
-            artifacts); four validation passes are added to it, as measured in the first epoch (re-validation,
-            the unaugmented training sample of the train–val gap, test and its confusion matrix).
+            artifacts); three validation passes are added to it, as measured in the first epoch (re-validation,
+            the unaugmented training sample of the train–val gap, test).
     """
 
     def __init__(self, minutes: float | None, reserve_seconds: float = 3.0) -> None:
@@ -68,7 +68,7 @@ class TimeBudget(pl.Callback):
             return
         now = time.monotonic()
         epoch_seconds = now - self._epoch_started  # training + validation (validation runs inside the epoch)
-        left = self.minutes * 60 - (now - PROCESS_STARTED) - self.reserve_seconds - 4 * self._val_seconds
+        left = self.minutes * 60 - (now - PROCESS_STARTED) - self.reserve_seconds - 3 * self._val_seconds
         if self.planned_epochs is None:
             done = trainer.current_epoch + 1
             fit = done + max(0, math.floor(left / epoch_seconds)) if epoch_seconds > 0 else done
