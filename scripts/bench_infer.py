@@ -61,7 +61,8 @@ def main() -> None:
     parser.add_argument("--images", type=int, default=10_000, help="files for the end-to-end comparison")
     parser.add_argument("--seconds", type=float, default=3.0, help="minimum time per model measurement")
     parser.add_argument("--threads", type=int, default=None,
-                        help="model intra-op threads (Predictor threads=; default: the library defaults)")
+                        help="Predictor threads= (ONNX Runtime: parallel shards of a batch; PyTorch: torch threads; "
+                             "default: the usable cores for ONNX Runtime, PyTorch as it is)")
     parser.add_argument("--device", default="cpu",
                         help="where eager PyTorch runs: cpu (default), cuda, cuda:N, auto (ONNX Runtime stays on CPU)")
     parser.add_argument("--repeats", type=int, default=5,

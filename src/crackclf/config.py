@@ -27,9 +27,9 @@ def cpu_data_parallel_devices(max_ranks: int = 2) -> int:
     """Trainer ``devices`` for ``trainer=cpu_ddp``: 1 where PyTorch sees a GPU (one GPU trains alone); on CPU, one
     process per usable core, at most ``max_ranks``.
 
-    Why processes, not threads: lcnet_050's small depthwise convolutions, BatchNorm and activations parallelise
-    poorly over intra-op threads. On 2 cores two 1-thread processes trained 703 img/s against 526 img/s for one
-    2-thread process (96 px, docs/recipe.md).
+    Why processes, not threads (measured with lcnet_050): its small depthwise convolutions, BatchNorm and
+    activations parallelise poorly over intra-op threads. On 2 cores two 1-thread processes trained 703 img/s against
+    526 img/s for one 2-thread process (96 px, docs/recipe.md).
     """
     import torch  # here, not at module level: config checks must stay fast
 

@@ -246,15 +246,16 @@ def _confusion(model, datamodule, loader, trainer, threshold: float) -> np.ndarr
     under DDP summed over the ranks."""
     import torch
 
+    device = trainer.strategy.root_device  # trainer.test() leaves the module on the CPU: back to the GPU if any
     matrix = np.zeros((2, 2), dtype=np.int64)
-    model.eval()
+    model.to(device).eval()
     with torch.no_grad():
         for batch in loader:
-            images, labels = datamodule.on_after_batch_transfer([t.to(model.device) for t in batch], 0)
+            images, labels = datamodule.on_after_batch_transfer([t.to(device) for t in batch], 0)
             predicted = (model(images).softmax(1)[:, 1] >= threshold).long().cpu()
             np.add.at(matrix, (labels.cpu().numpy(), predicted.numpy()), 1)
-    if trainer.world_size > 1:  # DDP: each rank counted its own shard
-        matrix = trainer.strategy.reduce(torch.from_numpy(matrix), reduce_op="sum").numpy()
+    if trainer.world_size > 1:  # DDP: each rank counted its own shard (summed on the device: NCCL needs GPU tensors)
+        matrix = trainer.strategy.reduce(torch.from_numpy(matrix).to(device), reduce_op="sum").cpu().numpy()
     return matrix
 
 

@@ -124,7 +124,7 @@ class Predictor:
         self.workers = max(1, workers if workers is not None else worker_count())
         self.device = resolve_device(device)
         if backend == "auto":
-            # ONNX Runtime on CPU: on 2 cores `predict` ran 1.8x faster end to end than eager PyTorch
+            # ONNX Runtime on CPU: on 2 cores `predict` ran 2.1x faster end to end than eager PyTorch
             # (scripts/bench_infer.py, docs/deployment.md); PyTorch where it can use an accelerator.
             backend = "onnx" if model.network is None or self.device.type == "cpu" else "torch"
         self.backend = backend

@@ -64,7 +64,7 @@ class CrackClassifier(pl.LightningModule):
         image_size: int = 64,
         class_names: tuple[str, str] = ("no_crack", "crack"),
         label_smoothing: float = 0.0,
-        max_gap: float = 0.02,
+        max_gap: float = 0.003,
         channels_last: bool = False,
     ) -> None:
         super().__init__()
@@ -188,10 +188,13 @@ class CrackClassifier(pl.LightningModule):
 
     def _gathered(self, outputs: list[tuple[torch.Tensor, torch.Tensor]]) -> tuple[torch.Tensor, torch.Tensor]:
         probabilities = torch.cat([p for p, _ in outputs]) if outputs else torch.empty(0)
-        labels = torch.cat([y for _, y in outputs]) if outputs else torch.empty(0)
+        labels = torch.cat([y for _, y in outputs]) if outputs else torch.empty(0, dtype=torch.long)
         if self.trainer is not None and self.trainer.world_size > 1:  # DDP: each rank holds only its shard
-            probabilities = self.all_gather(probabilities).flatten().cpu()
-            labels = self.all_gather(labels).flatten().cpu()
+            # On the strategy's device: after trainer.validate/test the module is back on the CPU, and NCCL gathers
+            # only GPU tensors (gloo on CPU: the CPU).
+            strategy = self.trainer.strategy
+            probabilities = strategy.all_gather(probabilities.to(strategy.root_device)).flatten().cpu()
+            labels = strategy.all_gather(labels.to(strategy.root_device)).flatten().cpu()
         return probabilities, labels
 
     # ---------------------------------------------------------------------------------------------------- test

@@ -35,8 +35,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     serve.add_argument("--workers", type=int, default=defaults.workers,
                        help=f"inference threads (default {defaults.workers}: one per usable core)")
     serve.add_argument("--threads", type=int, default=1,
-                       help="intra-op threads of each model call (default 1: requests run in parallel on the "
-                            "--workers threads instead)")
+                       help="cores one model call may use (ONNX Runtime splits a batch of 16+ images into this many "
+                            "shards; default 1: requests run in parallel on the --workers threads instead)")
     serve.add_argument("--queue", type=int, default=defaults.queue_size,
                        help=f"requests that may wait for a worker before the server answers 503 with Retry-After "
                             f"(default {defaults.queue_size})")
