@@ -17,6 +17,7 @@ import numpy as np
 from omegaconf import DictConfig, OmegaConf
 
 from crackclf.config import ConfigError, validate
+from crackclf.training.threshold import choose_threshold, confusion_matrix
 from crackclf.utils import repo_root
 
 log = logging.getLogger("crackclf.train")
@@ -68,7 +69,6 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     from crackclf.tracking.plots import plot_confusion, plot_curves
     from crackclf.training.checkpointing import AtomicCheckpointIO
     from crackclf.training.resume import ResumeCheckpoint, find_resume_point, lock_run, write_marker
-    from crackclf.training.threshold import choose_threshold
     from crackclf.utils import describe_device, keep_freed_memory
 
     resume_point = find_resume_point(cfg.get("resume"), cfg, Path(cfg.paths.output_dir))
@@ -190,8 +190,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         matrix = None
         if test_results:
             probabilities, labels = model.test_probabilities()
-            matrix = np.zeros((2, 2), dtype=np.int64)
-            np.add.at(matrix, (labels.numpy(), (probabilities.numpy() >= model.decision_threshold).astype(int)), 1)
+            matrix = confusion_matrix(probabilities.numpy(), labels.numpy(), model.decision_threshold)
         if run_id:
             tracking.log_metrics(run_id, {"threshold": model.decision_threshold, "epochs_run": trainer.current_epoch,
                                           "train/clean_acc": train_accuracy, "train_val_gap": final_gap})
@@ -252,8 +251,8 @@ def _confusion(model, datamodule, loader, trainer, threshold: float) -> np.ndarr
     with torch.no_grad():
         for batch in loader:
             images, labels = datamodule.on_after_batch_transfer([t.to(device) for t in batch], 0)
-            predicted = (model(images).softmax(1)[:, 1] >= threshold).long().cpu()
-            np.add.at(matrix, (labels.cpu().numpy(), predicted.numpy()), 1)
+            probabilities = model(images).softmax(1)[:, 1].cpu().numpy()
+            matrix += confusion_matrix(probabilities, labels.cpu().numpy(), threshold)
     if trainer.world_size > 1:  # DDP: each rank counted its own shard (summed on the device: NCCL needs GPU tensors)
         matrix = trainer.strategy.reduce(torch.from_numpy(matrix).to(device), reduce_op="sum").cpu().numpy()
     return matrix

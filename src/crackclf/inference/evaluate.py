@@ -24,6 +24,7 @@ from crackclf.data.images import describe_source, load_resized
 from crackclf.data.inventory import list_class_files
 from crackclf.inference.predictor import Prediction, Predictor
 from crackclf.tracking import plots
+from crackclf.training.threshold import confusion_matrix
 from crackclf.utils import atomic_write, atomic_write_text
 
 log = logging.getLogger(__name__)
@@ -79,9 +80,7 @@ def compute_metrics(probabilities: np.ndarray, labels: np.ndarray, threshold: fl
     from crackclf.models.module import stage_metrics
 
     probs, truth = torch.as_tensor(probabilities, dtype=torch.float32), torch.as_tensor(labels, dtype=torch.long)
-    predicted = (probs >= threshold).long()
-    confusion = np.zeros((2, 2), dtype=np.int64)
-    np.add.at(confusion, (truth.numpy(), predicted.numpy()), 1)
+    confusion = confusion_matrix(probs.numpy(), truth.numpy(), threshold)
     metrics = stage_metrics("eval", threshold)
     computed = {k.removeprefix("eval/"): float(v) for k, v in metrics(probs, truth).items()}
     if len(set(truth.tolist())) < 2:  # AUROC needs both classes

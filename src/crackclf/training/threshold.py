@@ -1,8 +1,16 @@
-"""Choosing the decision threshold on validation data."""
+"""Choosing the decision threshold on validation data, and counting decisions at a threshold."""
 
 from __future__ import annotations
 
 import numpy as np
+
+
+def confusion_matrix(probabilities: np.ndarray, labels: np.ndarray, threshold: float) -> np.ndarray:
+    """2x2 counts at ``threshold`` (a crack is ``probability >= threshold``); rows: true class, columns: predicted."""
+    predicted = (np.asarray(probabilities) >= threshold).astype(np.int64)
+    matrix = np.zeros((2, 2), dtype=np.int64)
+    np.add.at(matrix, (np.asarray(labels, dtype=np.int64), predicted), 1)
+    return matrix
 
 
 def choose_threshold(probabilities: np.ndarray, labels: np.ndarray, mode: str = "f1", target_recall: float = 0.99
