@@ -12,19 +12,61 @@ SHARED_DATA ?= ../shared/data/concrete_crack
 DATA_ARG := $(if $(DATA),data.root=$(abspath $(DATA)),)
 
 .DEFAULT_GOAL := help
-.PHONY: help setup train sweep test test-all ui lint format clean data bench bench-data bench-infer bench-serve \
-	bench-recipe bench-shift predict serve compare browser
+.PHONY: help setup lock check-lock train sweep test test-all ui lint format clean data bench bench-data bench-infer \
+	bench-serve bench-recipe bench-shift predict serve compare browser
 
 help: ## show this help
 	@grep -E '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "}; {printf "  make %-14s %s\n", $$1, $$2}'
 
-$(STAMP): pyproject.toml
+# .venv = exactly requirements.lock (pip only, every file hash-checked), then crackclf itself, editable, without
+# dependencies; the lock pins setuptools (torch needs it), so the editable build uses it instead of fetching one.
+$(STAMP): requirements.lock pyproject.toml
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
-	$(BIN)/pip install -q -e '.[dev]'
+	$(BIN)/pip install -q --require-hashes -r requirements.lock
+	$(BIN)/pip install -q --no-deps --no-build-isolation -e .
 	@touch $(STAMP)
 
-setup: $(STAMP) ## create .venv with crackclf and its dependencies
+setup: $(STAMP) ## create .venv with the exact versions of requirements.lock + crackclf (editable)
+
+# The lock is compiled by uv (`uv pip compile`): fast, the resolver used across the Python ecosystem today, and it
+# writes a pip-compatible requirements file with --hash lines that plain pip installs (torch, torchvision and the
+# nvidia-* wheels from this machine's local file indexes, the rest from PyPI). uv lives in its own scratch venv,
+# not in .venv (which must stay exactly the lock). uv does not read pip's config, so the indexes are passed here:
+# PyPI first (its pages list every file of a release, so all its hashes go in), then the local file indexes
+# (releases only they hold); pip's configured constraint file, when there is one, constrains uv too. The existing
+# lock's pins are kept (uv reads the output file as preferences): `make lock UPGRADE=1` moves everything to the
+# newest versions pyproject.toml allows; LOCK_CONSTRAINTS=<file> (e.g. a `pip freeze --exclude-editable`) pins
+# versions. The preferences are given without their hashes (uv would copy those over unchecked; every hash is
+# fetched afresh), and the lock is replaced only when it changed (so .venv is not reinstalled for nothing).
+# pyproject.toml keeps its ranges for people who install crackclf as a library.
+UV_VERSION ?= 0.13.9
+UV_VENV := .cache/uv
+UV ?= $(UV_VENV)/bin/uv
+LOCK_PYTHON ?= 3.11
+LOCK_PLATFORM ?= x86_64-manylinux_2_36
+LOCK_INDEXES ?= --extra-index-url https://pypi.org/simple \
+	$(foreach d,/opt/pypi /opt/pypi-more,$(if $(wildcard $(d)/simple),--extra-index-url file://$(d)/simple))
+PIP_CONSTRAINT_FILE := $(wildcard /etc/xdg/pip/constraints.txt)
+LOCAL_WHEEL_DIRS := $(wildcard /opt/pypi/files /opt/pypi-more/files /opt/wheels)
+
+$(UV_VENV)/bin/uv:
+	$(PYTHON) -m venv $(UV_VENV)
+	$(UV_VENV)/bin/pip install -q uv==$(UV_VERSION)
+
+lock: $(if $(filter $(UV_VENV)/bin/uv,$(UV)),$(UV_VENV)/bin/uv) ## regenerate requirements.lock with uv [UPGRADE=1] [LOCK_CONSTRAINTS=freeze.txt]
+	@sed -e '/--hash=/d' -e 's/ \\$$//' requirements.lock > requirements.lock.new 2>/dev/null || true
+	$(UV) pip compile pyproject.toml --extra dev --generate-hashes --quiet \
+		--python-version $(LOCK_PYTHON) --python-platform $(LOCK_PLATFORM) \
+		$(LOCK_INDEXES) --index-strategy unsafe-best-match \
+		$(if $(PIP_CONSTRAINT_FILE),--constraints $(PIP_CONSTRAINT_FILE)) \
+		$(if $(LOCK_CONSTRAINTS),--constraints $(LOCK_CONSTRAINTS)) $(if $(UPGRADE),--upgrade) \
+		--custom-compile-command 'make lock' -o requirements.lock.new || { rm -f requirements.lock.new; exit 1; }
+	@if cmp -s requirements.lock.new requirements.lock; then rm requirements.lock.new; echo "requirements.lock: unchanged"; \
+	else mv requirements.lock.new requirements.lock; echo "requirements.lock: updated (make setup installs it)"; fi
+
+check-lock: $(STAMP) ## .venv == requirements.lock (pip freeze), and the local wheels' hashes are in the lock
+	$(BIN)/python scripts/check_lock.py requirements.lock $(addprefix --wheel-dir ,$(LOCAL_WHEEL_DIRS))
 
 train: $(STAMP) ## train the default recipe (experiment=cpu_fast, <= 5 min): make train DATA=/path/to/concrete_crack [ARGS="key=value ..."]
 	$(BIN)/python train.py experiment=cpu_fast $(DATA_ARG) $(ARGS)

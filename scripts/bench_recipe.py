@@ -20,6 +20,8 @@ from pathlib import Path
 
 from mlflow.tracking import MlflowClient
 
+from crackclf.utils import cpu_model
+
 REPO = Path(__file__).resolve().parents[1]
 FIELDS = ("wall_s", "epochs", "best_val_acc", "test_acc", "test_f1", "test_auroc", "train_val_gap")
 
@@ -33,8 +35,8 @@ def with_recipe(overrides: list[str]) -> list[str]:
 def run_once(data: Path, overrides: list[str], work: Path, cache_dir: Path | None = None) -> dict:
     uri = f"sqlite:///{work / 'mlflow.db'}"
     env = {**os.environ, "MLFLOW_TRACKING_URI": uri, "CRACKCLF_CACHE": str(cache_dir or work / "cache")}
-    command = [sys.executable, str(REPO / "train.py"), f"data.root={data}", "data.progress=false",
-               "callbacks.progress_bar.refresh_rate=0", f"hydra.run.dir={work / 'run'}", *with_recipe(overrides)]
+    command = [sys.executable, str(REPO / "train.py"), f"data.root={data}", f"hydra.run.dir={work / 'run'}",
+               *with_recipe(overrides)]  # progress bars on: the run as `make train` runs it
     started = time.perf_counter()
     result = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True)
     wall = time.perf_counter() - started
@@ -60,6 +62,7 @@ def run_once(data: Path, overrides: list[str], work: Path, cache_dir: Path | Non
         "early_stopped": len(train_history) < planned,  # fewer epochs than planned: early stopping (or the budget)
         "run_id": run.info.run_id,
         "cores": len(os.sched_getaffinity(0)),
+        "cpu": cpu_model(),
         "cold_cache": cache_dir is None,
         "overrides": overrides,
     }
@@ -98,7 +101,8 @@ def main() -> None:
         median = {k: statistics.median(r[k] for r in results if r[k] is not None) for k in FIELDS}
         print(json.dumps({"median": median, "runs": len(results)}))
     header = "| run | " + " | ".join(FIELDS) + " |"
-    print("\n" + header + "\n|" + "---|" * (len(FIELDS) + 1))
+    print(f"\nCPU: {cpu_model()}, {len(os.sched_getaffinity(0))} cores")
+    print(header + "\n|" + "---|" * (len(FIELDS) + 1))
     for index, result in enumerate(results, 1):
         print(f"| {index} | " + " | ".join(str(result[k]) for k in FIELDS) + " |")
 

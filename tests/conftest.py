@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -82,13 +83,24 @@ def cache_dir(tmp_path, monkeypatch) -> Path:
 
 def run_train(*overrides: str, cwd: Path | None = None, timeout: float = 600, env: dict | None = None
               ) -> subprocess.CompletedProcess:
-    """Run ``python train.py`` as a user would, from the repository root unless ``cwd`` is given."""
+    """Run ``python train.py`` as a user would, from the repository root unless ``cwd`` is given.
+
+    A run still going after ``timeout`` seconds fails the test, with what it printed: the whole process group is
+    killed (DDP's other ranks included), so a hang can never hold CI up.
+    """
     full_env = {**os.environ, **(env or {})}
     full_env.setdefault("PYTHONUNBUFFERED", "1")
-    return subprocess.run(
-        [sys.executable, str(REPO / "train.py"), *overrides], cwd=cwd or REPO, env=full_env,
-        capture_output=True, text=True, timeout=timeout,
-    )
+    command = [sys.executable, str(REPO / "train.py"), *overrides]
+    process = subprocess.Popen(command, cwd=cwd or REPO, env=full_env, stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        stdout, stderr = process.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        stdout, stderr = process.communicate()
+        pytest.fail(f"train.py {' '.join(overrides)} did not finish in {timeout:.0f} s (killed; a hang?); it printed:"
+                    f"\n{(stdout + stderr)[-4000:]}")
+    return subprocess.CompletedProcess(command, process.returncode, stdout, stderr)
 
 
 def run_cli(*args: str, cwd: Path | None = None, timeout: float = 600, env: dict | None = None

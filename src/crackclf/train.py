@@ -71,6 +71,8 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     from crackclf.training.resume import ResumeCheckpoint, find_resume_point, lock_run, write_marker
     from crackclf.utils import describe_device, keep_freed_memory
 
+    if rank_zero_only.rank > 0:  # DDP's other processes run the same code: rank zero alone reports progress
+        logging.getLogger("crackclf").setLevel(logging.WARNING)
     resume_point = find_resume_point(cfg.get("resume"), cfg, Path(cfg.paths.output_dir))
     if resume_point is not None:  # continue in the original run folder: its checkpoints, marker and MLflow run
         cfg.paths.output_dir = str(resume_point.run_dir)
@@ -84,7 +86,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         raise ConfigError(f"{output_dir} is in use by another training process; wait for it or resume another run.")
 
     datamodule = instantiate(cfg.data, augment=instantiate(cfg.augmentation))
-    datamodule.prepare()
+    datamodule.prepare(prefetch_cache=True)  # decoded while the model, MLflow run and DDP ranks start
     model = instantiate(cfg.model)
 
     use_mlflow = cfg.get("logger") is not None and "MLFlowLogger" in str(cfg.logger.get("_target_", ""))
@@ -205,7 +207,8 @@ def run(cfg: DictConfig) -> dict[str, Any]:
                 tracking.log_artifact(run_id, best_path, "checkpoints")
             if cfg.get("register"):
                 log_bundle_model(run_id, model.net, info, cfg.registered_model_name)
-        _print_summary(cfg, results, run_id)
+        if rank_zero_only.rank == 0:  # one summary, not one per DDP process
+            _print_summary(cfg, results, run_id)
         status = "FINISHED"
         return results
     except KeyboardInterrupt:

@@ -68,15 +68,27 @@ def worker_count() -> int:
         return max(1, os.cpu_count() or 1)
 
 
+def cpu_model() -> str:
+    """The CPU's model name as ``lscpu`` shows it (``/proc/cpuinfo``), e.g. ``AMD EPYC``; ``unknown`` elsewhere."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text(errors="replace").splitlines():
+            if line.lower().startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return "unknown"
+
+
 def describe_device(device: Any) -> str:
-    """A torch device in words, e.g. ``cuda:0 (NVIDIA H100 80GB HBM3)`` or ``cpu (2 cores)``."""
+    """A torch device in words, e.g. ``cuda:0 (NVIDIA H100 80GB HBM3)`` or ``cpu (2 cores, AMD EPYC)``: epoch times
+    differ by the CPU model as much as by the core count."""
     import torch
 
     device = torch.device(device)
     if device.type == "cuda":
         index = device.index if device.index is not None else torch.cuda.current_device()
         return f"cuda:{index} ({torch.cuda.get_device_name(index)})"
-    return f"{device.type} ({worker_count()} cores)"
+    return f"{device.type} ({worker_count()} cores, {cpu_model()})"
 
 
 def repo_root() -> Path:

@@ -141,3 +141,11 @@ def test_a_run_resumed_mid_epoch_draws_what_an_uninterrupted_run_draws(tiny_data
     # interruption were kept, so the orders drawn for the later epochs are the same too.
     assert first.rows[1] + resumed.rows[1] == uninterrupted.rows[1]
     assert resumed.rows[2] == uninterrupted.rows[2] and resumed.rows[3] == uninterrupted.rows[3]
+
+
+@pytest.mark.parametrize(("epochs", "first"), [(2, 1), (3, 1), (4, 2), (5, 2), (20, 2)])
+def test_a_short_plan_moves_the_focus_start_forward(epochs, first):
+    focus = HardExampleFocus(weight=0.5, start=2, uniform_last=1)
+    assert focus.first_focused_epoch(epochs) == first
+    # 3 or more epochs: at least one epoch between the first (uniform, records the losses) and the uniform last.
+    assert epochs < 3 or 1 <= first < epochs - focus.uniform_last

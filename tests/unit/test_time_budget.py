@@ -37,13 +37,13 @@ def test_a_spent_budget_stops_after_the_first_epoch(tiny_dataset, tmp_path):
 
 
 def test_plan_from_the_measured_epoch_and_schedule_ending_there(tiny_dataset, tmp_path, monkeypatch):
-    # A clock that advances 10 s at every reading: an epoch (start, validation start/end, end) takes 30 s, of which
-    # validation 10 s; the process "started" at 0. After epoch 0 (t=40 s) a 120 s budget leaves
-    # 120 - 40 - 3 x 10 = 50 s: one more 30 s epoch fits, so 2 epochs in all instead of max_epochs=6.
+    # A clock that advances 10 s at every reading: an epoch (start, validation start, validation end: where the
+    # budget decides) takes 20 s, of which validation 10 s; the process "started" at 0. After epoch 0 (t=30 s) an
+    # 80 s budget leaves 80 - 30 - 3 x 10 = 20 s: one more 20 s epoch fits, so 2 epochs in all, not max_epochs=6.
     ticks = iter(range(10, 10_000, 10))
     monkeypatch.setattr(budget_module, "time", SimpleNamespace(monotonic=lambda: float(next(ticks))))
     monkeypatch.setattr(budget_module, "PROCESS_STARTED", 0.0)
-    budget = TimeBudget(minutes=2, reserve_seconds=0)
+    budget = TimeBudget(minutes=80 / 60, reserve_seconds=0)
     trainer, recorder = _fit(tiny_dataset, tmp_path, budget, max_epochs=6)
     assert budget.planned_epochs == 2 and trainer.current_epoch == 2
     steps = 2 * trainer.num_training_batches
@@ -57,10 +57,10 @@ def test_a_run_slower_than_planned_stops_before_overrunning(tiny_dataset, tmp_pa
     ticks = iter(range(10, 10_000, 10))
     monkeypatch.setattr(budget_module, "time", SimpleNamespace(monotonic=lambda: float(next(ticks))))
     monkeypatch.setattr(budget_module, "PROCESS_STARTED", 0.0)
-    budget = TimeBudget(minutes=2, reserve_seconds=0)
+    budget = TimeBudget(minutes=100 / 60, reserve_seconds=0)
     budget.planned_epochs = 5  # as if planned on a faster machine (a resumed run keeps its plan)
     trainer, _ = _fit(tiny_dataset, tmp_path, budget, max_epochs=6)
-    # t=40: 50 s left >= 30 s, go on; t=80: 10 s left < 30 s, stop after 2 of the 5 planned epochs.
+    # t=30: 100 - 30 - 30 = 40 s left >= 20 s, go on; t=60: 10 s left < 20 s, stop after 2 of the 5 planned epochs.
     assert trainer.current_epoch == 2
 
 

@@ -7,6 +7,7 @@ import logging
 import random
 from collections import defaultdict, deque
 from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -217,6 +218,7 @@ class CrackDataModule(pl.LightningDataModule):
         self.split_summary: SplitSummary | None = None
         self.verify_report: dict | None = None
         self._datasets: dict[str, Dataset] = {}
+        self._cache_build: Future | None = None
         self._resume_at: tuple[int, int] | None = None  # set from a checkpoint by load_state_dict
         # Side of the training batches when smaller than image_size (set per epoch by ProgressiveResize).
         self.train_size: int | None = None
@@ -226,8 +228,9 @@ class CrackDataModule(pl.LightningDataModule):
         self.last_train_rows: torch.Tensor | None = None  # rows of the batch being trained on
 
     # ----------------------------------------------------------------------------------------------- preparation
-    def prepare(self) -> None:
-        """Scan, split and cache (idempotent; safe to call before the Trainer exists)."""
+    def prepare(self, prefetch_cache: bool = False) -> None:
+        """Scan and split (idempotent; safe to call before the Trainer exists). With ``prefetch_cache``, rank zero
+        starts building the image caches in the background; :meth:`setup` waits for them."""
         if self.rows:
             return
         if self.root is None:
@@ -274,6 +277,19 @@ class CrackDataModule(pl.LightningDataModule):
         rows = [SplitRow(str(self.root / r.path), r.label, r.group, r.split, r.md5) for r in rows] + test_rows
         self.rows = self._subsample(rows)
         self._check_class_sizes()
+        if prefetch_cache and self.cache and rank_zero_only.rank == 0:
+            # Decode into the caches in the background (worker processes): the run meanwhile builds the model,
+            # opens its MLflow run and starts its other DDP processes, which would otherwise leave cores idle.
+            # setup() waits for it and reports its errors.
+            pool = ThreadPoolExecutor(1, thread_name_prefix="crackclf-cache")
+            self._cache_build = pool.submit(self._split_caches)
+            pool.shutdown(wait=False)
+
+    def _split_caches(self) -> dict[str, np.ndarray]:
+        """Each split's decode-once cache (memory-mapped; built where missing)."""
+        return {split: build_cache(Path("/"), [r.path for r in rows], [r.md5 for r in rows], self.image_size,
+                                   self.cache_dir, progress=self.progress)
+                for split in SPLITS if (rows := self.rows_of(split))}
 
     def _subsample(self, rows: list[SplitRow]) -> list[SplitRow]:
         if not self.max_per_class:
@@ -317,17 +333,17 @@ class CrackDataModule(pl.LightningDataModule):
         device = torch.device("cpu")
         if self.trainer is not None and self.gpu_cache and self.trainer.strategy.root_device.type == "cuda":
             device = self.trainer.strategy.root_device
+        caches: dict[str, np.ndarray] = {}
+        if self.cache:
+            build, self._cache_build = self._cache_build, None
+            caches = build.result() if build is not None else self._split_caches()
         for split in SPLITS:
             rows = self.rows_of(split)
             if not rows:
                 continue
             labels = [r.label for r in rows]
             if self.cache:
-                root = Path("/")
-                array = build_cache(
-                    root, [r.path for r in rows], [r.md5 for r in rows], self.image_size, self.cache_dir,
-                    progress=self.progress,
-                )
+                array = caches[split]
                 # One read of the memory map into RAM, planar (N, 3, H, W): the batch augmentation's flips, transposes
                 # and per-channel arithmetic run on long contiguous runs of one channel.
                 images = torch.from_numpy(np.ascontiguousarray(array.transpose(0, 3, 1, 2))).to(device)

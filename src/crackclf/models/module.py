@@ -11,7 +11,7 @@ from typing import Any
 import pytorch_lightning as pl
 import torch
 import torch.nn.functional as F
-from torchmetrics import MaxMetric, MetricCollection
+from torchmetrics import MaxMetric, MeanMetric, MetricCollection, SumMetric
 from torchmetrics.classification import (
     BinaryAccuracy,
     BinaryAUROC,
@@ -82,6 +82,8 @@ class CrackClassifier(pl.LightningModule):
             self.net = self.net.to(memory_format=torch.channels_last)
         self.decision_threshold = 0.5
         self.train_metrics = stage_metrics("train")
+        self.train_loss = MeanMetric()  # the epoch's training loss, weighted by batch size (see on_train_epoch_end)
+        self.train_throughput = SumMetric()  # images per second of each rank, summed: the whole job's throughput
         self.val_metrics = stage_metrics("val")
         self.test_metrics = stage_metrics("test")
         self.val_acc_best = MaxMetric()
@@ -132,9 +134,10 @@ class CrackClassifier(pl.LightningModule):
     def training_step(self, batch, batch_index: int) -> torch.Tensor:
         loss, probabilities, labels = self._step(batch)
         self.train_metrics.update(probabilities, labels)
-        # sync_dist: under DDP every rank sees a shard; epoch values are averaged over ranks (no-op otherwise).
-        self.log("train/loss", loss, on_step=False, on_epoch=True, prog_bar=True, batch_size=len(labels),
-                 sync_dist=True)
+        self.train_loss.update(loss.detach(), weight=len(labels))
+        # The bar shows this rank's running loss: a step value, never reduced (see on_train_epoch_end for why the
+        # epoch value is not logged here with sync_dist).
+        self.log("loss", loss.detach(), on_step=True, on_epoch=False, prog_bar=True, logger=False)
         self._train_images += len(labels)
         return loss
 
@@ -142,14 +145,30 @@ class CrackClassifier(pl.LightningModule):
         self._train_elapsed = time.perf_counter() - self._train_started
 
     def on_train_epoch_end(self) -> None:
-        values = self.train_metrics.compute()
-        self.train_metrics.reset()
+        # DDP rule, for every collective of this project (reductions, gathers, broadcasts): issue it only where
+        # every rank is at the same point with the same collectives behind it. Lightning reduces a value logged
+        # with an epoch-level ``sync_dist=True`` lazily, in the first hook that reads the epoch's metrics; on rank
+        # zero that is the progress bar's on_train_epoch_end, which the other ranks skip (their bar is off), so any
+        # collective after it (torchmetrics' sync below, a callback's broadcast) pairs with a different one on the
+        # other ranks and they wait for each other forever. Hence: nothing is logged from training_step with an
+        # epoch-level sync; the epoch's values come from metric objects whose compute() syncs here, on every rank,
+        # and _record_history reads them back here on every rank; callbacks communicate at on_train_epoch_start or
+        # on_validation_epoch_end (crackclf.training.budget, crackclf.training.focus), never at on_train_epoch_end.
+        if self._train_images == 0:  # no training batch in this epoch (resumed at its very end): nothing to report
+            return
+        if self._train_elapsed > 0:
+            self.train_throughput.update(self._train_images / self._train_elapsed)
+        values = {**self.train_metrics.compute(), "train/loss": self.train_loss.compute()}
+        throughput = self.train_throughput.compute() if self.train_throughput.update_count else None
+        for metric in (self.train_metrics, self.train_loss, self.train_throughput):
+            metric.reset()
+        # The values are already the same on every rank; sync_dist only tells Lightning so (a mean of equal values),
+        # and _record_history below computes that reduction on every rank, in this hook.
         self.log_dict(values, sync_dist=True)
         if self.last_val_acc is not None:
-            gap = float(values["train/acc"]) - self.last_val_acc
-            self.log("train/gap", gap, sync_dist=True)
-        if self._train_elapsed > 0:  # summed over DDP ranks: the throughput of the whole job
-            self.log("train/images_per_s", self._train_images / self._train_elapsed, sync_dist=True, reduce_fx="sum")
+            self.log("train/gap", float(values["train/acc"]) - self.last_val_acc, sync_dist=True)
+        if throughput is not None:
+            self.log("train/images_per_s", throughput, sync_dist=True)
         self._record_history()
         latest = self.history[-1]
         log.info("epoch %d: train/acc %.4f  val/acc %s  val/loss %s", self.current_epoch, latest.get("train/acc", 0),

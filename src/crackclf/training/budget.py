@@ -1,12 +1,12 @@
 """Fit a training run into a wall-clock budget: as many epochs as the machine's measured speed allows.
 
-Machines differ: in one process the same recipe took ~28 s an epoch on one 2-core cloud machine (AMD EPYC) and
-~48 s on another (Intel Xeon; docs/recipe.md). A fixed epoch count is either too long for the slow one or wastes
-the fast one's budget. After the first epoch, :class:`TimeBudget` knows what an epoch (training and validation)
-costs here and how long the process has run (inventory, split and cache included), plans the number of epochs that
-still fit, and makes the learning-rate schedule end exactly there, so the last epochs still anneal. The plan is
-made once, stored in checkpoints (a resumed run keeps it) and logged as ``budget/planned_epochs``.
-"""
+Machines differ: the same recipe's epoch costs nearly twice as long on some 2-core cloud machines as on others
+(`make bench-recipe`, docs/recipe.md). A fixed epoch count is either too long for the slow one or wastes the fast
+one's budget. After the first epoch, :class:`TimeBudget` knows what an epoch (training and validation) costs here
+and how long the process has run (inventory, split and cache included), plans the number of epochs that still fit
+(decided when the second epoch starts), and makes the learning-rate schedule end exactly there, so the last epochs
+still anneal. The plan is made once, stored in checkpoints (a resumed run keeps it) and logged as
+``budget/planned_epochs``."""
 
 from __future__ import annotations
 
@@ -59,32 +59,39 @@ class TimeBudget(pl.Callback):
     def on_validation_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._val_started = time.monotonic()
 
+    # DDP: every rank must agree on the plan, so rank zero's measurements are broadcast, and only here, at the end
+    # of the epoch's validation pass: a point every rank reaches in the same order, when the epoch's training and
+    # validation are both done and measured. Not at on_train_epoch_end, where rank zero's progress bar may still
+    # be reducing the epoch's metrics while the other ranks' bars are off (a collective there pairs with a
+    # different one and both ranks wait forever; crackclf/models/module.py).
     def on_validation_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if not trainer.sanity_checking:
-            self._val_seconds = time.monotonic() - self._val_started
-
-    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if self.minutes is None:
+        if trainer.sanity_checking or trainer.state.fn != "fit":
             return
         now = time.monotonic()
-        epoch_seconds = now - self._epoch_started  # training + validation (validation runs inside the epoch)
-        left = self.minutes * 60 - (now - PROCESS_STARTED) - self.reserve_seconds - 3 * self._val_seconds
-        if self.planned_epochs is None:
-            done = trainer.current_epoch + 1
+        self._val_seconds = now - self._val_started
+        if self.minutes is not None:
+            left = self.minutes * 60 - (now - PROCESS_STARTED) - self.reserve_seconds - 3 * self._val_seconds
+            self._decide(trainer, epoch_seconds=now - self._epoch_started, left=left)
+
+    def _decide(self, trainer: pl.Trainer, epoch_seconds: float, left: float) -> None:
+        """Plan (after the first epoch) or check the plan, from rank zero's clock; ``left``: seconds left for
+        training after the reserve and 3 validation passes."""
+        done = trainer.current_epoch + 1
+        if self.planned_epochs is None:  # the first epoch's end: how many epochs fit in all
             fit = done + max(0, math.floor(left / epoch_seconds)) if epoch_seconds > 0 else done
-            cap = trainer.max_epochs
-            planned = int(trainer.strategy.broadcast(max(done, min(cap, fit)), src=0))
-            self._apply(trainer, planned)
+            planned = int(trainer.strategy.broadcast(max(done, min(trainer.max_epochs, fit)), src=0))
             log.info("time budget %.2f min: an epoch takes %.1f s here, %.0f s are left -> %d epoch(s) in all "
-                     "(trainer.max_epochs=%d)", self.minutes, epoch_seconds, left, planned, cap)
-            pl_module.log("budget/planned_epochs", float(planned), sync_dist=True)
+                     "(trainer.max_epochs=%d)", self.minutes, epoch_seconds, left, planned, trainer.max_epochs)
+            self._apply(trainer, planned)
+            for logger in trainer.loggers:  # rank zero's loggers: the same value everywhere, nothing to reduce
+                logger.log_metrics({"budget/planned_epochs": float(planned)}, step=trainer.global_step)
             return
         # Slower than planned (a busy machine): stop rather than overrun; the schedule is then cut short. Every rank
         # takes part in the broadcast, whatever its own clock says, and follows rank zero.
-        behind = trainer.current_epoch + 1 < self.planned_epochs and left < epoch_seconds
+        behind = done < self.planned_epochs and left < epoch_seconds
         if trainer.strategy.broadcast(behind, src=0):
             log.warning("time budget: %.0f s left, an epoch takes %.1f s: stopping after epoch %d of %d planned",
-                        left, epoch_seconds, trainer.current_epoch + 1, self.planned_epochs)
+                        left, epoch_seconds, done, self.planned_epochs)
             trainer.should_stop = True
 
     def _apply(self, trainer: pl.Trainer, epochs: int) -> None:

@@ -51,7 +51,9 @@ class HardExampleFocus(pl.Callback):
 
     Args:
         weight: share of the draws guided by the losses (0 disables the callback; 0.5: half of each epoch).
-        start: first epoch drawn that way (earlier epochs are uniform permutations and only record losses).
+        start: first epoch drawn that way (earlier epochs are uniform permutations and only record losses); a run
+            planned too short to reach it (``trainer.max_epochs`` after the time budget) starts one epoch before its
+            uniform last ones instead.
         uniform_last: the last this many epochs are uniform permutations again, so that the weights the run ends
             with (and their BatchNorm statistics) are fitted to the images as they come, not to the hard ones.
     """
@@ -92,9 +94,18 @@ class HardExampleFocus(pl.Callback):
         rows, losses = trainer.datamodule.last_train_rows, pl_module.last_sample_losses
         if rows is not None and losses is not None and len(rows) == len(losses):
             self._rows.append(rows.cpu())
-            self._values.append(losses.float())  # stays on the device until the epoch ends: no sync per step
+            self._values.append(losses.float())  # stays on the device until the next epoch: no sync per step
 
-    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+    def first_focused_epoch(self, epochs: int) -> int:
+        """``start``, or earlier when the run has too few epochs (a slow machine's time budget) to reach it: a run
+        of 3 or more epochs always has a focused one (at least one uniform epoch has recorded every loss)."""
+        return min(self.start, max(1, epochs - self.uniform_last - 1))
+
+    # DDP: the epoch's losses are gathered over the ranks when the next epoch starts, a point every rank reaches in
+    # the same order; not at on_train_epoch_end, where rank zero's progress bar may still be reducing the epoch's
+    # metrics while the other ranks' bars are off (a collective there waits forever; crackclf/models/module.py).
+    # The time budget's plan for this epoch (an earlier callback in the same hook) is already made here.
+    def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if not self.weight:
             return
         datamodule = trainer.datamodule
@@ -103,25 +114,25 @@ class HardExampleFocus(pl.Callback):
             self.losses = torch.full((size,), float("nan"))
         rows = torch.cat(self._rows) if self._rows else torch.empty(0, dtype=torch.long)
         values = torch.cat([v.cpu() for v in self._values]) if self._values else torch.empty(0)
-        self._rows, self._values = [], []  # emptied here, not at epoch start: a run resumed mid-epoch keeps them
+        self._rows, self._values = [], []  # emptied here, at the epoch's start: a run resumed mid-epoch keeps them
         if trainer.world_size > 1:  # every rank needs every rank's losses to draw the same global order
             rows, values = _gather_all(trainer, rows, values)
         self.losses[rows.long()] = values  # a row drawn twice keeps its later loss
-        next_epoch = trainer.current_epoch + 1
-        if next_epoch < self.start or next_epoch >= trainer.max_epochs - self.uniform_last:
+        epoch = trainer.current_epoch
+        if epoch < self.first_focused_epoch(trainer.max_epochs) or epoch >= trainer.max_epochs - self.uniform_last:
             return
-        generator = torch.Generator().manual_seed(int(datamodule.seed) * 1000 + next_epoch)
+        generator = torch.Generator().manual_seed(int(datamodule.seed) * 1000 + epoch)
         length = datamodule.train_draws_per_epoch
         order = focused_order(self.losses, self.weight, length, generator)
-        datamodule.set_train_order(order, epoch=next_epoch)
-        self._order = (next_epoch, order)
+        datamodule.set_train_order(order, epoch=epoch)
+        self._order = (epoch, order)
         if not trainer.is_global_zero:
             return
         unique = len(torch.unique(order))
         seen = int((~torch.isnan(self.losses)).sum())
         wrong = int((self.losses > math.log(2)).sum())  # the true class scored below 0.5 in the last pass
         log.info("epoch %d: hard-example focus (weight %.2f) draws %d rows, %d distinct, from %d (%d with a recorded "
-                 "loss); %d were on the wrong side in their last training pass", next_epoch, self.weight, length,
+                 "loss); %d were on the wrong side in their last training pass", epoch, self.weight, length,
                  unique, size, seen, wrong)
 
 

@@ -1,0 +1,47 @@
+"""The default recipe run exactly as `make train` runs it: `python train.py experiment=cpu_fast` with the default
+callbacks (progress bar on, time budget, hard-example focus) in two CPU DDP processes, on a small generated set.
+
+Before the fix this run never ended: after the first epoch rank zero's progress bar reduced the epoch's loss while
+rank one, whose bar is off, waited in the time budget's broadcast. A hang fails the test at its timeout (the whole
+process group is killed), it never holds CI up.
+"""
+
+from __future__ import annotations
+
+import os
+
+from mlflow.tracking import MlflowClient
+
+from tests.conftest import run_train, write_dataset
+
+# The run takes well under a minute on 2 cores; the limit only has to tell a hang from a slow machine.
+HANG_TIMEOUT_S = 150
+
+
+def test_default_recipe_runs_as_make_train_does(tmp_path, mlflow_uri, cache_dir):
+    data = write_dataset(tmp_path / "data", per_class=64, size=96, seed=5)
+    # What a user's shell has: none of the suite's OpenMP tweaks.
+    env = {key: value for key, value in os.environ.items() if key != "OMP_WAIT_POLICY"}
+    result = run_train("experiment=cpu_fast", f"data.root={data}", "trainer.max_epochs=4",
+                       f"hydra.run.dir={tmp_path / 'run'}", timeout=HANG_TIMEOUT_S, env=env)
+    output = result.stdout + result.stderr
+    assert result.returncode == 0, output[-4000:]
+    assert "distributed_backend=gloo" in output and "MEMBER: 2/2" in output  # two ranks really ran
+    assert "Epoch 3: 100%" in output  # the progress bar was on and drew the last epoch
+
+    # The budget planned after the first epoch; the focus drew epoch 2 from both ranks' recorded losses (88 rows:
+    # 128 images less the 20 + 20 of validation and test).
+    assert "time budget 4.75 min: an epoch takes" in output and "-> 4 epoch(s) in all" in output
+    focus = [line for line in output.splitlines() if "hard-example focus" in line]
+    assert len(focus) == 1 and "epoch 2:" in focus[0] and "from 88 (88 with a recorded loss)" in focus[0], focus
+
+    client = MlflowClient(mlflow_uri)
+    runs = client.search_runs([client.get_experiment_by_name("crack").experiment_id])
+    assert len(runs) == 1
+    run = runs[0]
+    assert run.info.status == "FINISHED"
+    assert run.data.tags["backbone"] == "mobilenetv3_small_100"
+    assert run.data.metrics["budget/planned_epochs"] == 4 and run.data.metrics["epochs_run"] == 4
+    history = client.get_metric_history(run.info.run_id, "train/loss")
+    assert len(history) == 4  # one epoch value per epoch, reduced over both ranks
+    assert output.count("  test/acc ") == 1  # one summary (rank zero's), with a measured value
