@@ -40,7 +40,7 @@ def test_default_recipe_runs_as_make_train_does(tmp_path, mlflow_uri, cache_dir)
     assert len(runs) == 1
     run = runs[0]
     assert run.info.status == "FINISHED"
-    assert run.data.tags["backbone"] == "mobilenetv3_small_100"
+    assert run.data.tags["backbone"] == "lcnet_050"
     assert run.data.metrics["budget/planned_epochs"] == 4 and run.data.metrics["epochs_run"] == 4
     history = client.get_metric_history(run.info.run_id, "train/loss")
     assert len(history) == 4  # one epoch value per epoch, reduced over both ranks

@@ -36,7 +36,7 @@ def test_fast_dev_run_on_generated_folder(tiny_dataset, tmp_path, mlflow_uri, ca
     client, run = only_run(mlflow_uri)
     assert run.info.status == "FINISHED"  # fast_dev_run logs no metrics (Lightning swaps in a dummy logger)
     assert run.data.tags["pretrained"] == "scratch"
-    assert run.data.params["backbone.name"] == "mobilenetv3_small_100"  # the default recipe
+    assert run.data.params["backbone.name"] == "lcnet_050"  # the default recipe
     assert "test/acc" in result.stdout  # the summary table is printed
 
 

@@ -49,8 +49,8 @@ def test_cpu_ranks_one_process_per_core_up_to_the_cap_and_one_gpu(monkeypatch):
     assert cpu_data_parallel_devices(2) == 1
 
 
-def test_recipe_trains_mobilenetv3_small_from_scratch_at_96px():
+def test_recipe_trains_lcnet_050_from_scratch_at_96px():
     cfg = compose_train(["experiment=cpu_fast"])
-    assert cfg.backbone.name == "mobilenetv3_small_100" and str(cfg.backbone.pretrained).lower() == "false"
+    assert cfg.backbone.name == "lcnet_050" and str(cfg.backbone.pretrained).lower() == "false"
     assert cfg.data.image_size == 96
     assert cfg.callbacks.early_stopping.monitor == "val/loss"
