@@ -13,7 +13,7 @@ DATA_ARG := $(if $(DATA),data.root=$(abspath $(DATA)),)
 
 .DEFAULT_GOAL := help
 .PHONY: help setup lock check-lock train sweep test test-all ui lint format clean data bench bench-data bench-infer \
-	bench-serve bench-recipe bench-shift predict serve compare browser
+	bench-serve bench-recipe bench-coldstart bench-shift predict serve compare browser
 
 help: ## show this help
 	@grep -E '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "}; {printf "  make %-14s %s\n", $$1, $$2}'
@@ -88,6 +88,9 @@ bench: bench-data bench-recipe ## the benchmarks that need no trained model (ben
 
 bench-recipe: $(STAMP) ## default recipe from a cold start, 3 runs, wall time + accuracy: make bench-recipe [DATA=...] [RUNS=3]
 	$(BIN)/python scripts/bench_recipe.py --data $(if $(DATA),$(DATA),$(SHARED_DATA)) --runs $(or $(RUNS),3) $(ARGS)
+
+bench-coldstart: $(STAMP) ## where a cold start goes: scan, near-duplicates, split, caches, timed from an empty cache [DATA=...]
+	$(BIN)/python scripts/bench_coldstart.py --data $(or $(DATA),$(SHARED_DATA)) --out bench/coldstart.json $(ARGS)
 
 bench-infer: $(STAMP) ## eager vs ONNX Runtime (batch 1/32); predict vs bare decode rate: make bench-infer [MODEL=...]
 	$(BIN)/python scripts/bench_infer.py --data $(or $(DATA),$(SHARED_DATA)) $(if $(MODEL),--model $(MODEL),) \

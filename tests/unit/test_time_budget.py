@@ -53,15 +53,22 @@ def test_plan_from_the_measured_epoch_and_schedule_ending_there(tiny_dataset, tm
     assert len(recorder.rates) == steps and recorder.rates[-1] < recorder.rates[len(recorder.rates) // 2]
 
 
-def test_a_run_slower_than_planned_stops_before_overrunning(tiny_dataset, tmp_path, monkeypatch):
+def test_a_run_slower_than_planned_shortens_the_plan_and_still_anneals(tiny_dataset, tmp_path, monkeypatch):
     ticks = iter(range(10, 10_000, 10))
     monkeypatch.setattr(budget_module, "time", SimpleNamespace(monotonic=lambda: float(next(ticks))))
     monkeypatch.setattr(budget_module, "PROCESS_STARTED", 0.0)
     budget = TimeBudget(minutes=100 / 60, reserve_seconds=0)
     budget.planned_epochs = 5  # as if planned on a faster machine (a resumed run keeps its plan)
-    trainer, _ = _fit(tiny_dataset, tmp_path, budget, max_epochs=6)
-    # t=30: 100 - 30 - 30 = 40 s left >= 20 s, go on; t=60: 10 s left < 20 s, stop after 2 of the 5 planned epochs.
-    assert trainer.current_epoch == 2
+    trainer, recorder = _fit(tiny_dataset, tmp_path, budget, max_epochs=6)
+    # t=30: 100 - 30 - 30 = 40 s left: 2 more 20 s epochs fit, 3 in all instead of 5, and the schedule ends at 3;
+    # t=60: 10 s left, nothing more fits: 2 in all, stop after this one.
+    assert budget.planned_epochs == 2 and trainer.current_epoch == 2
+    assert trainer.lr_scheduler_configs[0].scheduler.lr_lambdas[0].total_steps == 2 * trainer.num_training_batches
+    # Epoch 1 followed the shorter schedule: its last step's rate is well below the 5-epoch schedule's there.
+    five_epochs = warmup_cosine(torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=1e-2),
+                                5 * trainer.num_training_batches, 0.05).lr_lambdas[0]
+    last_step = len(recorder.rates) - 1
+    assert recorder.rates[-1] < 0.8 * 1e-2 * five_epochs(last_step)
 
 
 def test_an_ample_budget_keeps_max_epochs_and_the_planned_schedule(tiny_dataset, tmp_path):

@@ -86,15 +86,22 @@ class TimeBudget(pl.Callback):
             for logger in trainer.loggers:  # rank zero's loggers: the same value everywhere, nothing to reduce
                 logger.log_metrics({"budget/planned_epochs": float(planned)}, step=trainer.global_step)
             return
-        # Slower than planned (a busy machine): stop rather than overrun; the schedule is then cut short. Every rank
-        # takes part in the broadcast, whatever its own clock says, and follows rank zero.
-        behind = done < self.planned_epochs and left < epoch_seconds
-        if trainer.strategy.broadcast(behind, src=0):
-            log.warning("time budget: %.0f s left, an epoch takes %.1f s: stopping after epoch %d of %d planned",
-                        left, epoch_seconds, done, self.planned_epochs)
-            trainer.should_stop = True
+        # Slower than planned (a busy machine, another process on the cores): shorten the plan to the epochs that
+        # still fit at the latest epoch's speed and end the schedule there, so the last epoch still anneals rather
+        # than stopping at a high learning rate. A plan only shrinks: growing it would raise the learning rate
+        # again. Every rank takes part in the broadcast, whatever its own clock says, and follows rank zero.
+        fit = done + max(0, math.floor(left / epoch_seconds)) if epoch_seconds > 0 else done
+        replanned = int(trainer.strategy.broadcast(max(done, min(self.planned_epochs, fit)), src=0))
+        if replanned < self.planned_epochs:
+            log.warning("time budget: %.0f s left, an epoch takes %.1f s: %d epoch(s) in all instead of %d; the "
+                        "schedule now ends there", left, epoch_seconds, replanned, self.planned_epochs)
+            self._apply(trainer, replanned)
+            for logger in trainer.loggers:
+                logger.log_metrics({"budget/planned_epochs": float(replanned)}, step=trainer.global_step)
 
     def _apply(self, trainer: pl.Trainer, epochs: int) -> None:
+        """Train ``epochs`` epochs in all (Lightning stops after the current one when it is the last) and end the
+        step-wise schedule there."""
         self.planned_epochs = epochs
         trainer.fit_loop.max_epochs = epochs
         steps = epochs * trainer.num_training_batches // max(1, trainer.accumulate_grad_batches)
