@@ -22,7 +22,8 @@ from tests.conftest import REPO, run_train, write_dataset
 # mobilenetv3_small_100: the backbone these runs were written for (the default until stop 19). Known open (stop 19,
 # the same on the code before it, 4c165ea): the slow random-SIGKILL test's resumed run ends far from the
 # uninterrupted one for seed 15 (test/acc 0.83 vs 0.50), and for seed 12 with lcnet_050 (0.58 vs 0.67).
-TRAIN = ("trainer=cpu", "backbone=mobilenetv3_small_100", "data.image_size=32", "data.batch_size=16", "data.progress=false",
+TRAIN = ("trainer=cpu", "backbone=mobilenetv3_small_100", "data.image_size=32", "data.batch_size=16",
+         "data.progress=false",
          "callbacks.progress_bar.refresh_rate=0", "callbacks.early_stopping.patience=100")
 
 
