@@ -4,9 +4,9 @@ Machines differ: the same recipe's epoch costs nearly twice as long on some 2-co
 (`make bench-recipe`, docs/recipe.md). A fixed epoch count is either too long for the slow one or wastes the fast
 one's budget. After the first epoch, :class:`TimeBudget` knows what an epoch (training and validation) costs here
 and how long the process has run (inventory, split and cache included), plans the number of epochs that still fit
-(decided when the second epoch starts), and makes the learning-rate schedule end exactly there, so the last epochs
-still anneal. The plan is made once, stored in checkpoints (a resumed run keeps it) and logged as
-``budget/planned_epochs``."""
+(decided at the end of the first epoch's validation pass), and makes the learning-rate schedule end exactly there, so
+the last epochs still anneal. After each later epoch the plan only shrinks, when the machine has slowed down. It is
+stored in checkpoints (a resumed run keeps it) and logged as ``budget/planned_epochs``."""
 
 from __future__ import annotations
 
@@ -74,30 +74,29 @@ class TimeBudget(pl.Callback):
             self._decide(trainer, epoch_seconds=now - self._epoch_started, left=left)
 
     def _decide(self, trainer: pl.Trainer, epoch_seconds: float, left: float) -> None:
-        """Plan (after the first epoch) or check the plan, from rank zero's clock; ``left``: seconds left for
-        training after the reserve and 3 validation passes."""
+        """Plan (after the first epoch) or shorten the plan, from rank zero's clock; ``left``: seconds left for
+        training after the reserve and 3 validation passes.
+
+        Later epochs only ever shorten the plan (a busy machine, another process on the cores): the schedule then
+        ends at the new last epoch, which still anneals, instead of stopping at a high learning rate; growing it
+        would raise the learning rate again. Every rank takes part in the broadcast, whatever its own clock says,
+        and follows rank zero."""
         done = trainer.current_epoch + 1
-        if self.planned_epochs is None:  # the first epoch's end: how many epochs fit in all
-            fit = done + max(0, math.floor(left / epoch_seconds)) if epoch_seconds > 0 else done
-            planned = int(trainer.strategy.broadcast(max(done, min(trainer.max_epochs, fit)), src=0))
+        first = self.planned_epochs is None
+        fit = done + max(0, math.floor(left / epoch_seconds)) if epoch_seconds > 0 else done
+        cap = trainer.max_epochs if first else self.planned_epochs
+        planned = int(trainer.strategy.broadcast(max(done, min(cap, fit)), src=0))
+        if first:
             log.info("time budget %.2f min: an epoch takes %.1f s here, %.0f s are left -> %d epoch(s) in all "
                      "(trainer.max_epochs=%d)", self.minutes, epoch_seconds, left, planned, trainer.max_epochs)
-            self._apply(trainer, planned)
-            for logger in trainer.loggers:  # rank zero's loggers: the same value everywhere, nothing to reduce
-                logger.log_metrics({"budget/planned_epochs": float(planned)}, step=trainer.global_step)
-            return
-        # Slower than planned (a busy machine, another process on the cores): shorten the plan to the epochs that
-        # still fit at the latest epoch's speed and end the schedule there, so the last epoch still anneals rather
-        # than stopping at a high learning rate. A plan only shrinks: growing it would raise the learning rate
-        # again. Every rank takes part in the broadcast, whatever its own clock says, and follows rank zero.
-        fit = done + max(0, math.floor(left / epoch_seconds)) if epoch_seconds > 0 else done
-        replanned = int(trainer.strategy.broadcast(max(done, min(self.planned_epochs, fit)), src=0))
-        if replanned < self.planned_epochs:
+        elif planned < self.planned_epochs:
             log.warning("time budget: %.0f s left, an epoch takes %.1f s: %d epoch(s) in all instead of %d; the "
-                        "schedule now ends there", left, epoch_seconds, replanned, self.planned_epochs)
-            self._apply(trainer, replanned)
-            for logger in trainer.loggers:
-                logger.log_metrics({"budget/planned_epochs": float(replanned)}, step=trainer.global_step)
+                        "schedule now ends there", left, epoch_seconds, planned, self.planned_epochs)
+        else:
+            return
+        self._apply(trainer, planned)
+        for logger in trainer.loggers:  # rank zero's loggers: the same value everywhere, nothing to reduce
+            logger.log_metrics({"budget/planned_epochs": float(planned)}, step=trainer.global_step)
 
     def _apply(self, trainer: pl.Trainer, epochs: int) -> None:
         """Train ``epochs`` epochs in all (Lightning stops after the current one when it is the last) and end the
