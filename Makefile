@@ -13,7 +13,7 @@ DATA_ARG := $(if $(DATA),data.root=$(abspath $(DATA)),)
 
 .DEFAULT_GOAL := help
 .PHONY: help setup lock check-lock train sweep test test-all ui lint format clean data bench bench-data bench-infer \
-	bench-serve bench-recipe bench-coldstart bench-shift predict serve compare browser
+	bench-serve bench-recipe bench-coldstart bench-shift bench-transfer predict serve compare browser
 
 help: ## show this help
 	@grep -E '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "}; {printf "  make %-14s %s\n", $$1, $$2}'
@@ -108,6 +108,12 @@ bench-serve: $(STAMP) ## load test of serve (2,000 requests, 8 concurrent, 127.0
 	@test -n "$(MODEL)" || { echo "usage: make bench-serve MODEL=<model> [ARGS=\"--concurrency 1\"]"; exit 2; }
 	$(BIN)/python scripts/bench_serve.py --model $(MODEL) --data $(or $(DATA),$(SHARED_DATA)) \
 		--out bench/bench_serve.json $(ARGS)
+
+bench-transfer: $(STAMP) ## per-surface balanced accuracy / AUROC / recall of MODEL on other surfaces [SURFACES=dirs] [SPLIT=csv]
+	@test -n "$(MODEL)" || { echo "usage: make bench-transfer MODEL=<model> [SURFACES=\"dir ...\"] [SPLIT=<the run's split csv>]"; exit 2; }
+	$(BIN)/python scripts/bench_transfer.py --model $(MODEL) \
+		--surfaces $(or $(SURFACES),$(wildcard $(SHARED_DATA)/../other_surfaces/*/)) \
+		$(if $(SPLIT),--split $(SPLIT) --data $(or $(DATA),$(SHARED_DATA))) --out bench/transfer.json $(ARGS)
 
 bench-shift: $(STAMP) ## test split re-rendered as other cameras/files would give it: make bench-shift MODEL=... SPLIT=<run's split csv>
 	@test -n "$(MODEL)" -a -n "$(SPLIT)" || { echo "usage: make bench-shift MODEL=<model> SPLIT=<the run's data/split-*.csv> [DATA=...]"; exit 2; }

@@ -21,9 +21,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from crackclf.bundle import BundleInfo, LoadedModel, build_network, load_model
 from crackclf.config import compose_config
 from crackclf.data.images import IMAGE_EXTENSIONS, load_resized
-from crackclf.inference.bundle import BundleInfo, LoadedModel, build_network, load_model
 from crackclf.inference.predictor import Predictor
 from crackclf.models.backbone import IMAGENET_MEAN, IMAGENET_STD
 from crackclf.utils import describe_device, keep_freed_memory, repo_root, worker_count

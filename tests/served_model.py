@@ -16,7 +16,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from crackclf.inference.bundle import BundleInfo, build_network, save_onnx
+from crackclf.bundle import BundleInfo, build_network, save_onnx
 from crackclf.models.backbone import IMAGENET_MEAN, IMAGENET_STD
 
 RUN_ID = "0123456789abcdef0123456789abcdef"  # recorded in the bundle: /model must report it

@@ -9,6 +9,7 @@ import os
 import sys
 import traceback
 
+from crackclf.errors import CrackclfError
 from crackclf.utils import keep_freed_memory
 
 #: Modules that each define ``register(subparsers)``; a sub-command stores its handler in ``func``.
@@ -47,7 +48,7 @@ def main(argv: list[str] | None = None) -> int:
     keep_freed_memory()  # inference allocates the same batch-sized tensors over and over, like training
     try:
         return int(args.func(args) or 0)
-    except (ValueError, OSError) as error:  # our errors subclass ValueError and carry the fix in their message
+    except CrackclfError as error:  # bad input, named with its fix; any other exception is a bug: traceback
         if args.debug or os.environ.get("CRACKCLF_DEBUG"):
             traceback.print_exc()
         print(f"crackclf {args.command}: error: {error}", file=sys.stderr)

@@ -8,12 +8,13 @@ from pathlib import Path
 from omegaconf import DictConfig, OmegaConf
 
 from crackclf.data.images import IMAGE_EXTENSIONS
+from crackclf.errors import CrackclfError
 
 # timm (torch, torchvision) and MLflow are imported where needed: a wrong override or path is then reported in
 # about a second instead of after the many seconds those imports take.
 
 
-class ConfigError(ValueError):
+class ConfigError(CrackclfError, ValueError):
     """A configuration that cannot train; the message names the key and the fix."""
 
 
@@ -70,6 +71,9 @@ def validate(cfg: DictConfig) -> None:
     """Raise :class:`ConfigError` for the first problem found; cheap checks first, no data is read."""
     freeze = cfg.backbone.get("freeze_epochs", 0) or 0
     _require(isinstance(freeze, int) and freeze >= 0, f"backbone.freeze_epochs={freeze!r} must be an integer >= 0.")
+    frozen_groups = cfg.backbone.get("freeze_groups", 0) or 0
+    _require(isinstance(frozen_groups, int) and frozen_groups >= 0,
+             f"backbone.freeze_groups={frozen_groups!r} must be an integer >= 0 (0: train every stage).")
 
     lr = _number(cfg, "optimizer.lr")
     _require(lr > 0, f"optimizer.lr={lr} must be > 0 (typical: 1e-4 to 1e-1), e.g. optimizer.lr=0.003.")
@@ -146,9 +150,9 @@ def compose_config(overrides: list[str] | tuple[str, ...] = (), return_hydra_con
     """The training config as ``python train.py <overrides>`` composes it, for scripts that start no Hydra run."""
     from hydra import compose, initialize_config_dir
 
-    from crackclf.utils import repo_root
+    from crackclf.utils import config_dir
 
-    with initialize_config_dir(config_dir=str(repo_root() / "conf"), version_base="1.3"):
+    with initialize_config_dir(config_dir=str(config_dir()), version_base="1.3"):
         return compose("train", overrides=list(overrides), return_hydra_config=return_hydra_config)
 
 

@@ -11,6 +11,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from crackclf.errors import CrackclfError
+
 
 def stable_hash(value: Any, length: int = 16) -> str:
     """A short, stable hex digest of any JSON-serialisable value."""
@@ -18,7 +20,7 @@ def stable_hash(value: Any, length: int = 16) -> str:
     return hashlib.sha256(encoded).hexdigest()[:length]
 
 
-class DiskFullError(OSError):
+class DiskFullError(CrackclfError, OSError):
     """The disk filled up while writing a file; :func:`atomic_write` left nothing behind."""
 
 
@@ -92,8 +94,16 @@ def describe_device(device: Any) -> str:
 
 
 def repo_root() -> Path:
-    """The repository root (where ``conf/`` and ``mlruns/`` live)."""
-    return Path(__file__).resolve().parents[2]
+    """The checkout this code runs from (where ``conf/`` and ``mlruns/`` live); outside a checkout (an installed
+    wheel), the current folder."""
+    checkout = Path(__file__).resolve().parents[2]
+    return checkout if (checkout / "conf" / "train.yaml").is_file() else Path.cwd()
+
+
+def config_dir() -> Path:
+    """Hydra's config folder: the checkout's ``conf/``, else the copy a wheel ships inside the package (setup.py)."""
+    checkout = Path(__file__).resolve().parents[2] / "conf"
+    return checkout if (checkout / "train.yaml").is_file() else Path(__file__).resolve().parent / "conf"
 
 
 def keep_freed_memory() -> bool:
@@ -119,3 +129,14 @@ def keep_freed_memory() -> bool:
     m_trim_threshold, m_mmap_threshold = -1, -3
     largest_heap_block = 32 * 1024 * 1024  # glibc refuses a larger mmap threshold on 64-bit systems
     return bool(mallopt(m_mmap_threshold, largest_heap_block)) and bool(mallopt(m_trim_threshold, 2**30))
+
+
+def git_commit() -> str:
+    """The checkout's commit (``unknown`` outside a git checkout), recorded with every training run."""
+    import subprocess
+
+    try:
+        return subprocess.run(["git", "rev-parse", "HEAD"], cwd=repo_root(), capture_output=True, text=True,
+                              timeout=5).stdout.strip() or "unknown"
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"

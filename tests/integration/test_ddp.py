@@ -30,7 +30,7 @@ def test_two_process_cpu_ddp_logs_one_run_with_metrics_synced_over_ranks(uneven_
                                                                           cache_dir):
     from crackclf.data.split import read_split
     from crackclf.inference.predictor import Predictor
-    from crackclf.training.threshold import choose_threshold
+    from crackclf.metrics import choose_threshold
 
     # Hard-example focus from the second epoch: each rank must gather the other's losses to draw the same order.
     # lcnet_050 (the default when this test was written) separates these 32 px images within 3 epochs;

@@ -6,6 +6,7 @@ from __future__ import annotations
 import csv
 import json
 import os
+import re
 import subprocess
 import sys
 from dataclasses import dataclass
@@ -16,8 +17,8 @@ import pytest
 from mlflow.tracking import MlflowClient
 from PIL import Image
 
+from crackclf.bundle import BundleError, load_model
 from crackclf.data.images import describe_source, load_resized
-from crackclf.inference.bundle import BundleError, load_model
 from crackclf.inference.predictor import Predictor
 from tests.conftest import REPO, write_dataset
 from tests.corpus import invalid_items, valid_items
@@ -90,7 +91,7 @@ def test_every_model_source_gives_the_same_model(tiny_model, store, tmp_path):
     assert reference.info.tile_size == 96  # the generated images are 96x96: the window for whole photos
     expected = Predictor(reference).predict_arrays([load_resized(f, 32) for f in files])
 
-    from crackclf.inference.bundle import save_onnx
+    from crackclf.bundle import save_onnx
 
     save_onnx(reference.network, reference.info, tmp_path / "tiny.onnx")
     sources = {f"runs:/{tiny_model.run_id}": f"runs:/{tiny_model.run_id}", "models:/tiny/1": "models:/tiny/1",
@@ -179,7 +180,12 @@ def test_predictions_csv_agree_with_evaluate(tiny_model, store, tmp_path, capsys
     correct = sum(truth[Path(r["path"]).parent.name] == r["label"] for r in rows)
     assert metrics["acc"] == pytest.approx(correct / len(rows))
     assert metrics["images"] == 24 and np.sum(metrics["confusion"]) == 24
-    assert f"acc         {metrics['acc']:.4f}" in out
+    assert re.search(rf"^  acc +{metrics['acc']:.4f}$", out, re.MULTILINE)
+    per_class = [[truth[Path(r["path"]).parent.name] == r["label"] for r in rows if Path(r["path"]).parent.name == c]
+                 for c in truth]
+    balanced = sum(sum(hits) / len(hits) for hits in per_class) / 2  # the mean recall of the two classes
+    assert metrics["balanced_acc"] == pytest.approx(balanced)
+    assert re.search(rf"^  balanced_acc +{balanced:.4f}$", out, re.MULTILINE)
     # The evaluation run is in MLflow, linked to the model's training run, with the plots.
     client = MlflowClient(store)
     runs = client.search_runs([client.get_experiment_by_name("crack").experiment_id],
@@ -278,7 +284,7 @@ def test_export_onnx_parity_on_real_images(tiny_model, shared_data, tmp_path):
 
 
 def test_explain_writes_gradcam_and_refuses_onnx(tiny_model, tmp_path, capsys):
-    from crackclf.inference.bundle import save_onnx
+    from crackclf.bundle import save_onnx
     from crackclf.inference.explain import explain
 
     files = heldout_files(tiny_model.heldout)[:3]

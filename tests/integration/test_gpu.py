@@ -72,7 +72,7 @@ def test_one_bundle_serves_a_gpu_and_an_onnx_predictor():
     """The in-memory ONNX export copes with a network that a PyTorch predictor has moved to the GPU."""
     import numpy as np
 
-    from crackclf.inference.bundle import BundleInfo, LoadedModel, build_network
+    from crackclf.bundle import BundleInfo, LoadedModel, build_network
     from crackclf.inference.predictor import Predictor
     from crackclf.models.backbone import IMAGENET_MEAN, IMAGENET_STD
 

@@ -6,7 +6,7 @@ import numpy as np
 import torch
 
 from crackclf.data.augment import BatchAugment
-from crackclf.training.threshold import choose_threshold
+from crackclf.metrics import choose_threshold
 
 
 def test_orientation_only_permutes_pixels():

@@ -25,7 +25,7 @@ CONF = REPO / "conf"
     (["scheduler=cosine", "scheduler.factor=0.5"], ["scheduler has no key 'factor'",
                                                     "Valid keys of scheduler: _partial_, _target_, min_lr_ratio"]),
     (["backbone=no_such_net"], ["there is no conf/backbone/no_such_net.yaml", "Options: convnext_atto,",
-                                "resnet10t, resnet18."]),
+                                "resnet10t, resnet18, tf_efficientnet_lite0."]),
     (["backbone=resnet1"], ["Did you mean backbone=resnet18?", "Close timm model names (for backbone.name=...):"]),
     (["backbone=resnet50"], ["'resnet50' is a timm model", "backbone=resnet18 backbone.name=resnet50"]),
     (["backbone=resnet18,lcnet_05"], ["backbone=lcnet_05:", "Did you mean backbone=lcnet_050?"]),

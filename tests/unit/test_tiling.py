@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from crackclf.inference.bundle import BundleInfo, LoadedModel, build_network
+from crackclf.bundle import BundleInfo, LoadedModel, build_network
 from crackclf.inference.predictor import Predictor
 from crackclf.inference.tiling import map_photo, needs_tiling, tile_positions, write_map
 from crackclf.models.backbone import IMAGENET_MEAN, IMAGENET_STD

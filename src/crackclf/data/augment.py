@@ -19,6 +19,8 @@ import torch.nn.functional as F
 from torch import nn
 from torchvision.ops import roi_align
 
+from crackclf.errors import UsageError
+
 
 class BatchAugment(nn.Module):
     """Augment a batch of shape (B, 3, H, W), uint8 or float in [0, 1]; every transform is optional (0 disables it).
@@ -56,9 +58,9 @@ class BatchAugment(nn.Module):
         for name, value in (("hflip", hflip), ("vflip", vflip), ("rot90", rot90), ("jitter_p", jitter_p),
                             ("crop_p", crop_p), ("blur_p", blur_p), ("noise_p", noise_p), ("grayscale_p", grayscale_p)):
             if not 0.0 <= value <= 1.0:
-                raise ValueError(f"augmentation.{name}={value} must be a probability in [0, 1]")
+                raise UsageError(f"augmentation.{name}={value} must be a probability in [0, 1]")
         if not 0.0 < crop_scale <= 1.0:
-            raise ValueError(f"augmentation.crop_scale={crop_scale} must be in (0, 1]")
+            raise UsageError(f"augmentation.crop_scale={crop_scale} must be in (0, 1]")
         self.hflip, self.vflip, self.rot90 = hflip, vflip, rot90
         self.brightness, self.contrast, self.saturation, self.hue = brightness, contrast, saturation, hue
         self.jitter_p, self.crop_scale, self.crop_p = jitter_p, crop_scale, crop_p

@@ -8,6 +8,7 @@ from pathlib import Path
 
 from crackclf.data import inventory as inv
 from crackclf.data.download import CLASS_DIRS, MENDELEY_URL, ensure_dataset
+from crackclf.errors import UsageError
 
 #: Human names of the default class folders (label order), as in conf/data/concrete_crack.yaml.
 DEFAULT_CLASS_NAMES = ("no_crack", "crack")
@@ -67,14 +68,14 @@ def _add_tree_arguments(parser: argparse.ArgumentParser) -> None:
 def _scan(args: argparse.Namespace) -> tuple[inv.Inventory, tuple[str, ...]]:
     root: Path = args.root
     if not root.is_dir():
-        raise ValueError(f"{root} is not a folder; pass the data folder that holds {'/ and '.join(args.class_dirs)}/")
+        raise UsageError(f"{root} is not a folder; pass the data folder that holds {'/ and '.join(args.class_dirs)}/")
     missing = [c for c in args.class_dirs if not (root / c).is_dir()]
     if missing:
         found = sorted(p.name for p in root.iterdir() if p.is_dir())[:10]
-        raise ValueError(f"{root} has no class folder(s) {missing} (found: {found}); pass --class-dirs NEG POS")
+        raise UsageError(f"{root} has no class folder(s) {missing} (found: {found}); pass --class-dirs NEG POS")
     names = args.class_names or (DEFAULT_CLASS_NAMES if tuple(args.class_dirs) == CLASS_DIRS else args.class_dirs)
     if len(names) != len(args.class_dirs):
-        raise ValueError(f"--class-names {names} must name as many classes as --class-dirs {args.class_dirs}")
+        raise UsageError(f"--class-names {names} must name as many classes as --class-dirs {args.class_dirs}")
     cache_dir = None if args.no_cache else (args.cache_dir or default_cache_dir())
     inventory = inv.scan(root, tuple(args.class_dirs), cache_dir, progress=not args.no_progress)
     return inventory, tuple(names)
@@ -106,7 +107,7 @@ def _split(args: argparse.Namespace) -> int:
 
     inventory, _ = _scan(args)
     if not inventory.readable:
-        raise ValueError(f"{args.root} holds no readable image under {args.class_dirs}")
+        raise UsageError(f"{args.root} holds no readable image under {args.class_dirs}")
     rows, summary = make_split(inventory.readable, args.val_fraction, args.test_fraction, args.seed, _near_bits(args))
     write_split(args.out, rows)
     print(summary.describe())

@@ -34,11 +34,12 @@ from crackclf.data.split import (
     summarize,
     write_split,
 )
+from crackclf.errors import CrackclfError
 
 log = logging.getLogger(__name__)
 
 
-class DataError(ValueError):
+class DataError(CrackclfError, ValueError):
     """The data cannot be used for training; the message says which folder/file and what to do."""
 
 

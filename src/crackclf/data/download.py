@@ -27,6 +27,7 @@ from pathlib import Path, PurePosixPath
 from filelock import FileLock
 from tqdm import tqdm
 
+from crackclf.errors import CrackclfError
 from crackclf.utils import atomic_write_text
 
 #: Özgenel, "Concrete Crack Images for Classification", Mendeley Data 5y9wdsg2zt version 2 (a RAR archive).
@@ -42,7 +43,7 @@ _CHUNK = 1 << 20
 _RAR_MAGIC = (b"Rar!\x1a\x07\x00", b"Rar!\x1a\x07\x01\x00")
 
 
-class DownloadError(OSError):
+class DownloadError(CrackclfError, OSError):
     """The data set could not be fetched or extracted; the message says why and what to do instead."""
 
 

@@ -16,6 +16,8 @@ from typing import BinaryIO
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from crackclf.errors import CrackclfError
+
 #: File suffixes treated as images when scanning folders (lower case).
 IMAGE_EXTENSIONS: frozenset[str] = frozenset(
     {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp"}
@@ -31,7 +33,7 @@ Image.MAX_IMAGE_PIXELS = None
 ImageSource = str | os.PathLike | bytes | BinaryIO
 
 
-class ImageError(ValueError):
+class ImageError(CrackclfError, ValueError):
     """An input that cannot be used as an image; ``str()`` is a one-line reason naming the source."""
 
     def __init__(self, source: str, reason: str) -> None:

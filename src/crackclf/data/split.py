@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from crackclf.data.inventory import NEAR_DUPLICATE_BITS, FileRecord, near_duplicate_pairs, phash_array
+from crackclf.errors import UsageError
 from crackclf.utils import TEXT_ERRORS, atomic_write_text, stable_hash
 
 SPLITS = ("train", "val", "test")
@@ -161,11 +162,11 @@ def read_split(path: Path) -> list[SplitRow]:
         reader = csv.DictReader(handle)
         missing = {"path", "label", "split"} - set(reader.fieldnames or [])
         if missing:
-            raise ValueError(f"split file {path} lacks column(s) {sorted(missing)}; expected {list(SPLIT_COLUMNS)}")
+            raise UsageError(f"split file {path} lacks column(s) {sorted(missing)}; expected {list(SPLIT_COLUMNS)}")
         rows = []
         for line, row in enumerate(reader, start=2):
             if row["split"] not in SPLITS:
-                raise ValueError(f"split file {path}, line {line}: split {row['split']!r} is not one of {SPLITS}")
+                raise UsageError(f"split file {path}, line {line}: split {row['split']!r} is not one of {SPLITS}")
             rows.append(SplitRow(row["path"], int(row["label"]), int(row.get("group") or -1), row["split"],
                                  row.get("md5", "")))
     return rows

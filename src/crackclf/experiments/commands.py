@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from crackclf.errors import UsageError
+
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     """Add the ``compare`` sub-command."""
@@ -28,7 +30,7 @@ def _compare(args: argparse.Namespace) -> int:
     from crackclf.experiments.compare import compare, parse_tags
 
     if args.max_runs < 1:
-        raise ValueError(f"--max-runs {args.max_runs} must be >= 1.")
+        raise UsageError(f"--max-runs {args.max_runs} must be >= 1.")
     result = compare(args.experiment, args.out, sweep=args.sweep, tags=parse_tags(args.tag), max_runs=args.max_runs)
     print(result.table.read_text())
     print(f"table:  {result.table}\ncurves: {result.plot} ({len(result.plotted)} runs)")

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from crackclf.errors import UsageError
 from crackclf.experiments.sweep import ROLE_TAG, format_overrides, override_params, short_value, varying_keys
 from crackclf.tracking import mlflow as tracking
 
@@ -60,7 +61,7 @@ def _quote(value: str) -> str:
         return f"'{value}'"
     if '"' not in value:
         return f'"{value}"'
-    raise ValueError(f"tag value {value!r} contains both quote characters; MLflow filters cannot express it.")
+    raise UsageError(f"tag value {value!r} contains both quote characters; MLflow filters cannot express it.")
 
 
 def parse_tags(items: list[str]) -> dict[str, str]:
@@ -69,7 +70,7 @@ def parse_tags(items: list[str]) -> dict[str, str]:
     for item in items:
         key, sep, value = item.partition("=")
         if not sep or not key:
-            raise ValueError(f"--tag {item!r} must be KEY=VALUE, e.g. --tag backbone=resnet18")
+            raise UsageError(f"--tag {item!r} must be KEY=VALUE, e.g. --tag backbone=resnet18")
         tags[key] = value
     return tags
 
@@ -78,7 +79,7 @@ def latest_sweep(experiment: str) -> str:
     """The id of the most recently started sweep in ``experiment``."""
     parents = tracking.search_runs([experiment], f"tags.`{ROLE_TAG}` = 'sweep'", max_results=1)
     if not parents:
-        raise ValueError(f"experiment {experiment!r} has no sweeps yet (run `python train.py -m ...` first), "
+        raise UsageError(f"experiment {experiment!r} has no sweeps yet (run `python train.py -m ...` first), "
                          "or leave out --sweep to compare all its runs.")
     return parents[0].data.tags["sweep_id"]
 
@@ -88,7 +89,7 @@ def find_runs(experiment: str, sweep: str | None = None, tags: dict[str, str] | 
     """(training runs, sweep parent run or ``None``) matching the filters, newest first."""
     known = tracking.experiment_names()
     if experiment not in known:
-        raise ValueError(f"no MLflow experiment {experiment!r} at {tracking.tracking_uri()} "
+        raise UsageError(f"no MLflow experiment {experiment!r} at {tracking.tracking_uri()} "
                          f"(experiments there: {', '.join(known) or 'none'}); pass --experiment NAME.")
     clauses = [f"tags.`{key}` = {_quote(value)}" for key, value in (tags or {}).items()]
     if sweep:
@@ -99,7 +100,7 @@ def find_runs(experiment: str, sweep: str | None = None, tags: dict[str, str] | 
     if not runs:
         where = f"experiment {experiment!r}" + (f", sweep {sweep!r}" if sweep else "") + (
             f", tags {tags}" if tags else "")
-        raise ValueError(f"no training runs match {where} at {tracking.tracking_uri()}.")
+        raise UsageError(f"no training runs match {where} at {tracking.tracking_uri()}.")
     return runs, parent
 
 

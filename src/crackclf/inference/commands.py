@@ -12,6 +12,7 @@ import sys
 from pathlib import Path
 
 from crackclf.data.images import IMAGE_EXTENSIONS
+from crackclf.errors import UsageError
 
 MODEL_HELP = "a .ckpt or .onnx file, runs:/<run_id> or models:/<name>/<version>"
 
@@ -241,11 +242,11 @@ def _write_rows(rows: list[dict], out: str, fmt: str, with_map: bool) -> None:
 
 # ------------------------------------------------------------------------------------------------------ export
 def _export(args: argparse.Namespace) -> int:
-    from crackclf.inference.bundle import load_model
+    from crackclf.bundle import load_model
     from crackclf.inference.export import PARITY_MIN_IMAGES, export_onnx, run_parity_sources
 
     if args.parity_images < PARITY_MIN_IMAGES:
-        raise ValueError(f"--parity-images {args.parity_images}: the parity check needs at least {PARITY_MIN_IMAGES}.")
+        raise UsageError(f"--parity-images {args.parity_images}: the parity check needs at least {PARITY_MIN_IMAGES}.")
     model = load_model(args.model)
     if args.parity_data:
         sources, _ = expand_inputs(args.parity_data)
@@ -265,7 +266,7 @@ def _explain(args: argparse.Namespace) -> int:
     from crackclf.inference.explain import explain, explain_mistakes
 
     if not args.inputs and args.mistakes is None:
-        raise ValueError("give images to explain, or --mistakes <evaluation folder>/predictions.csv")
+        raise UsageError("give images to explain, or --mistakes <evaluation folder>/predictions.csv")
     predictor = _predictor(args)
     if args.mistakes is not None:
         picture, results = explain_mistakes(predictor, args.mistakes, args.out, args.count, args.layer)

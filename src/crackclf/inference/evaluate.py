@@ -1,6 +1,7 @@
 """Evaluate a model on a labelled folder (the training layout: one sub-folder per class).
 
-Metrics (accuracy, precision, recall, F1 of the crack class at the model's threshold; AUROC), the confusion matrix,
+Metrics (accuracy, balanced accuracy — the mean of both classes' recalls, honest on imbalanced folders —,
+precision, recall, F1 of the crack class at the model's threshold; AUROC), the confusion matrix,
 ROC and PR curves, a grid of the worst mistakes (most confident wrong answers), every prediction as CSV — printed,
 written to an output folder and logged as an MLflow *evaluation run* tagged with the model's training run.
 """
@@ -19,12 +20,13 @@ from typing import Any
 import numpy as np
 import torch
 
+from crackclf import plots
 from crackclf.data.download import CLASS_DIRS
 from crackclf.data.images import describe_source, load_resized
 from crackclf.data.inventory import list_class_files
+from crackclf.errors import CrackclfError
 from crackclf.inference.predictor import Prediction, Predictor
-from crackclf.tracking import plots
-from crackclf.training.threshold import confusion_matrix
+from crackclf.metrics import binary_metrics
 from crackclf.utils import atomic_write, atomic_write_text
 
 log = logging.getLogger(__name__)
@@ -34,7 +36,7 @@ EVAL_EXPERIMENT = "crack-eval"  # used when the model has no training run to sit
 TAG_KIND, TAG_MODEL_RUN, TAG_MODEL = "crackclf.kind", "crackclf.model_run_id", "crackclf.model_id"
 
 
-class EvaluationError(ValueError):
+class EvaluationError(CrackclfError, ValueError):
     """A folder that cannot be evaluated; the message says what to do."""
 
 
@@ -74,21 +76,6 @@ def labelled_files(root: Path, class_dirs: tuple[str, str] = CLASS_DIRS) -> list
     return files
 
 
-def compute_metrics(probabilities: np.ndarray, labels: np.ndarray, threshold: float) -> tuple[dict[str, float],
-                                                                                              np.ndarray]:
-    """The training metrics (same torchmetrics definitions) at ``threshold`` plus the confusion matrix."""
-    from crackclf.models.module import stage_metrics
-
-    probs, truth = torch.as_tensor(probabilities, dtype=torch.float32), torch.as_tensor(labels, dtype=torch.long)
-    confusion = confusion_matrix(probs.numpy(), truth.numpy(), threshold)
-    metrics = stage_metrics("eval", threshold)
-    computed = {k.removeprefix("eval/"): float(v) for k, v in metrics(probs, truth).items()}
-    if len(set(truth.tolist())) < 2:  # AUROC needs both classes
-        computed["auroc"] = math.nan
-    computed.update({"images": float(len(truth)), "threshold": float(threshold)})
-    return computed, confusion
-
-
 def evaluate(predictor: Predictor, data: Path, *, class_dirs: tuple[str, str] = CLASS_DIRS,
              out_dir: Path | None = None, mistakes: int = 16, progress: bool = True, log_mlflow: bool = True,
              experiment: str | None = None) -> Evaluation:
@@ -103,7 +90,7 @@ def evaluate(predictor: Predictor, data: Path, *, class_dirs: tuple[str, str] = 
         raise EvaluationError(f"--data {data}: none of the {len(files)} images could be read (e.g. {failed[0].error}).")
     probabilities = np.array([p.probability for p, _ in good], dtype=np.float32)
     labels = np.array([y for _, y in good], dtype=np.int64)
-    metrics, confusion = compute_metrics(probabilities, labels, predictor.threshold)
+    metrics, confusion = binary_metrics(probabilities, labels, predictor.threshold)
     metrics["unreadable"] = float(len(failed))
     result = Evaluation(metrics, confusion, [p for p, _ in good], labels.tolist(), failed, out_dir)
     result.artifacts = _write_outputs(result, predictor, probabilities, labels, files, mistakes)
@@ -189,7 +176,7 @@ def format_metrics(result: Evaluation, predictor: Predictor) -> str:
     m, names = result.metrics, predictor.class_names
     rows = [("model", predictor.model_id), ("backend", predictor.backend), ("threshold", f"{predictor.threshold:.4f}"),
             ("images", f"{int(m['images'])}"), ("unreadable", f"{len(result.failed)}")]
-    rows += [(k, f"{m[k]:.4f}") for k in ("acc", "precision", "recall", "f1", "auroc")]
+    rows += [(k, f"{m[k]:.4f}") for k in ("acc", "balanced_acc", "precision", "recall", "f1", "auroc")]
     width = max(len(k) for k, _ in rows)
     lines = [f"  {k.ljust(width)}  {v}" for k, v in rows]
     c = result.confusion

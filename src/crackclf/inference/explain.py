@@ -16,10 +16,11 @@ import torch
 from PIL import Image
 from torch import nn
 
+from crackclf.bundle import BundleError
 from crackclf.data.images import ImageSource, load_resized
-from crackclf.inference.bundle import BundleError
+from crackclf.errors import UsageError
 from crackclf.inference.predictor import Prediction, Predictor
-from crackclf.tracking.plots import plot_image_grid
+from crackclf.plots import plot_image_grid
 
 #: Smallest CAM grid (cells a side) worth showing; deeper stages with fewer cells are skipped.
 MIN_CAM_CELLS = 7
@@ -33,7 +34,7 @@ def target_layer(network: nn.Module, image_size: int, name: str | None = None) -
     modules = dict(backbone.named_modules())
     if name:
         if name not in modules:
-            raise ValueError(f"--layer {name!r} is not a module of {type(backbone).__name__}; e.g. "
+            raise UsageError(f"--layer {name!r} is not a module of {type(backbone).__name__}; e.g. "
                              f"{', '.join(list(modules)[1:6])}.")
         return modules[name]
     stages = [f for f in getattr(backbone, "feature_info", []) if f.get("module") in modules]
@@ -80,7 +81,7 @@ def explain(predictor: Predictor, sources: Sequence[ImageSource], out: Path, *, 
     predictions = [predictor.failure(name, error) for name, array, error in decoded if array is None]
     if not readable:
         reason = predictions[0].error if predictions else "no inputs"
-        raise ValueError(f"none of the {len(decoded)} inputs could be read (e.g. {reason}).")
+        raise UsageError(f"none of the {len(decoded)} inputs could be read (e.g. {reason}).")
     batch = np.stack([array for _, _, array in readable])
     results = predictor.classify_arrays(batch, [name for _, name, _ in readable])
     cams = grad_cams(predictor, batch, [int(p.is_crack) for p in results], layer)
@@ -102,7 +103,7 @@ def explain_mistakes(predictor: Predictor, predictions_csv: Path, out: Path, cou
     rows.sort(key=lambda r: -abs(float(r["probability"]) - (r["true_label"] == predictor.class_names[1])))
     rows = rows[:count]
     if not rows:
-        raise ValueError(f"{predictions_csv}: no mistakes to explain (every readable image was classified correctly).")
+        raise UsageError(f"{predictions_csv}: no mistakes to explain (every readable image was classified correctly).")
     captions = [f"{Path(r['path']).name}\ntrue {r['true_label']}, p(crack)={float(r['probability']):.3f}" for r in rows]
     return explain(predictor, [r["path"] for r in rows], out, layer=layer, captions=captions,
                    title=f"Grad-CAM of the {len(rows)} worst mistakes")

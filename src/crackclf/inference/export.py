@@ -16,8 +16,8 @@ from typing import Any
 
 import numpy as np
 
+from crackclf.bundle import BundleError, LoadedModel, load_onnx, save_onnx
 from crackclf.data.images import ImageSource
-from crackclf.inference.bundle import BundleError, LoadedModel, load_onnx, save_onnx
 from crackclf.inference.predictor import Predictor
 
 log = logging.getLogger(__name__)

@@ -44,8 +44,9 @@ import torch
 from PIL import Image
 from tqdm import tqdm
 
+from crackclf.bundle import BundleInfo, LoadedModel, load_model, onnx_session
 from crackclf.data.images import ImageError, ImageSource, describe_source, load_resized, resize_array
-from crackclf.inference.bundle import BundleInfo, LoadedModel, load_model, onnx_session
+from crackclf.errors import UsageError
 from crackclf.utils import worker_count
 
 log = logging.getLogger(__name__)
@@ -78,7 +79,7 @@ class Predictor:
     """Batched crack classifier over a loaded bundle, with a PyTorch (eager) or ONNX Runtime backend.
 
     Args:
-        model: a :class:`~crackclf.inference.bundle.LoadedModel` (see :meth:`Predictor.load` for a source string).
+        model: a :class:`~crackclf.bundle.LoadedModel` (see :meth:`Predictor.load` for a source string).
         backend: ``"torch"``, ``"onnx"`` or ``"auto"`` (ONNX Runtime on CPU, PyTorch on other devices).
             ``"onnx"`` on a PyTorch model exports it to ONNX in memory first.
         threshold: decision threshold on the crack probability; ``None`` uses the one stored with the model.
@@ -109,13 +110,13 @@ class Predictor:
         threads: int | None = None,
     ) -> None:
         if backend not in BACKENDS:
-            raise ValueError(f"backend={backend!r} must be one of {', '.join(BACKENDS)}.")
+            raise UsageError(f"backend={backend!r} must be one of {', '.join(BACKENDS)}.")
         if parallel not in PARALLEL:
-            raise ValueError(f"parallel={parallel!r} must be one of {', '.join(PARALLEL)}.")
+            raise UsageError(f"parallel={parallel!r} must be one of {', '.join(PARALLEL)}.")
         if threshold is not None and not 0.0 <= threshold <= 1.0:
-            raise ValueError(f"threshold={threshold} must be a probability in [0, 1], e.g. 0.5.")
+            raise UsageError(f"threshold={threshold} must be a probability in [0, 1], e.g. 0.5.")
         if batch_size < 1:
-            raise ValueError(f"batch_size={batch_size} must be >= 1.")
+            raise UsageError(f"batch_size={batch_size} must be >= 1.")
         self.model = model
         self.info: BundleInfo = model.info
         self.model_id: str = model.model_id
@@ -131,7 +132,7 @@ class Predictor:
         self._session = None
         if backend == "torch":
             if model.network is None:
-                raise ValueError(f"model {self.model_id}: an ONNX model runs only with backend 'onnx' (or 'auto').")
+                raise UsageError(f"model {self.model_id}: an ONNX model runs only with backend 'onnx' (or 'auto').")
             if threads:
                 torch.set_num_threads(threads)
             # channels-last runs the convolutions ~1.4x faster on CPU (measured in scripts/bench_infer.py).
@@ -290,7 +291,7 @@ class Predictor:
         for index, array in enumerate(arrays):
             array = np.asarray(array)
             if array.dtype != np.uint8 or array.ndim != 3 or array.shape[2] != 3:
-                raise ValueError(f"image {index}: expected an (H, W, 3) uint8 RGB array, got {array.dtype} "
+                raise UsageError(f"image {index}: expected an (H, W, 3) uint8 RGB array, got {array.dtype} "
                                  f"{array.shape}; decode files with crackclf.data.images.load_resized.")
             out[index] = array if array.shape[:2] == (size, size) else resize_array(Image.fromarray(array), size)
         return out
@@ -334,15 +335,15 @@ def resolve_device(device: str | torch.device) -> torch.device:
     try:
         resolved = torch.device(device)
     except RuntimeError as error:
-        raise ValueError(f"device={device!r} is not a device name; use auto, cpu, cuda or cuda:N.") from error
+        raise UsageError(f"device={device!r} is not a device name; use auto, cpu, cuda or cuda:N.") from error
     if resolved.type == "cuda":
         if not torch.cuda.is_available():
-            raise ValueError(f"device={device!r}: PyTorch sees no CUDA GPU here; use device auto or cpu.")
+            raise UsageError(f"device={device!r}: PyTorch sees no CUDA GPU here; use device auto or cpu.")
         if resolved.index is not None and resolved.index >= torch.cuda.device_count():
-            raise ValueError(f"device={device!r}: only {torch.cuda.device_count()} CUDA GPU(s) visible "
+            raise UsageError(f"device={device!r}: only {torch.cuda.device_count()} CUDA GPU(s) visible "
                              f"(cuda:0 to cuda:{torch.cuda.device_count() - 1}).")
     elif resolved.type != "cpu":
-        raise ValueError(f"device={device!r}: only cpu and cuda are supported; use auto, cpu, cuda or cuda:N.")
+        raise UsageError(f"device={device!r}: only cpu and cuda are supported; use auto, cpu, cuda or cuda:N.")
     return resolved
 
 

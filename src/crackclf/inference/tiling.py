@@ -19,8 +19,9 @@ import numpy as np
 from scipy import ndimage
 
 from crackclf.data.images import ImageSource, describe_source, open_image
+from crackclf.errors import UsageError
 from crackclf.inference.predictor import Predictor
-from crackclf.tracking.plots import crack_map_overlay
+from crackclf.plots import crack_map_overlay
 from crackclf.utils import atomic_write_text
 
 #: Window when the model does not record its training crop size (the Özgenel crops are 227×227).
@@ -125,7 +126,7 @@ def map_photo(predictor: Predictor, source: ImageSource, *, window: int | None =
     size = min(window_of(predictor, window), width, height)
     step = int(stride or size)
     if step < 1:
-        raise ValueError(f"stride={stride} must be >= 1 pixel.")
+        raise UsageError(f"stride={stride} must be >= 1 pixel.")
     boxes = [(x, y) for y in tile_positions(height, size, step) for x in tile_positions(width, size, step)]
     crops = [photo[y : y + size, x : x + size] for x, y in boxes]
     probabilities = predictor.predict_arrays(crops)

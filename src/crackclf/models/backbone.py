@@ -1,11 +1,9 @@
-"""timm backbones: name checks, the pretrained-weights policy, local weight files and freezing."""
+"""timm backbones: name checks, the pretrained-weights policy (sources: crackclf.models.weights) and freezing."""
 
 from __future__ import annotations
 
 import difflib
 import logging
-import os
-import socket
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -14,6 +12,9 @@ import timm
 import torch
 from torch import nn
 
+from crackclf.errors import CrackclfError
+from crackclf.models.weights import load_local_weights, load_pretrained
+
 log = logging.getLogger(__name__)
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -21,7 +22,7 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 PRETRAINED_CHOICES = ("auto", "true", "false")
 
 
-class BackboneError(ValueError):
+class BackboneError(CrackclfError, ValueError):
     """A backbone that cannot be built as configured; the message says what to do."""
 
 
@@ -48,7 +49,7 @@ def normalise_pretrained(value: object) -> str:
 @dataclass
 class BuiltBackbone:
     model: nn.Module
-    pretrained_status: str  # "hub", "local:<file>", "scratch", "scratch (hub unreachable)"
+    pretrained_status: str  # "package:<dist>==<v>", "hub", "local:<file>", "scratch", "scratch (hub unreachable)"
     mean: tuple[float, float, float]
     std: tuple[float, float, float]
 
@@ -63,8 +64,9 @@ def create_backbone(
 ) -> BuiltBackbone:
     """Build ``name`` with a fresh ``num_classes`` head according to the pretrained policy.
 
-    ``pretrained``: ``auto`` uses hub/cached weights when reachable and otherwise warns loudly and trains from
-    scratch; ``true`` requires them; ``false`` never loads them. ``weights`` (a local file) overrides all three.
+    ``pretrained``: ``auto`` uses ImageNet weights when available (an installed weights package, the hub cache or
+    the hub: :mod:`crackclf.models.weights`) and otherwise warns loudly and trains from scratch; ``true`` requires
+    them; ``false`` never loads them. ``weights`` (a local file) overrides all three.
     """
     check_backbone_name(name)
     policy = normalise_pretrained(pretrained)
@@ -74,23 +76,23 @@ def create_backbone(
         if not path.is_file():
             raise BackboneError(f"backbone.weights={weights!r}: no such file. Give the path of a saved state dict.")
         model = timm.create_model(name, pretrained=False, **kwargs)
-        _load_local_weights(model, path)
+        load_local_weights(model, path)
         status = f"local:{path.name}"
     elif policy == "false":
         model, status = timm.create_model(name, pretrained=False, **kwargs), "scratch"
     else:
         try:
-            model, status = _create_pretrained(name, kwargs), "hub"
-        except Exception as error:  # noqa: BLE001 - any download failure means "not reachable"
+            model, status = load_pretrained(name, kwargs)
+        except ConnectionError as error:
             if policy == "true":
                 raise BackboneError(
                     f"backbone.pretrained=true but the weights of {name!r} could not be loaded ({type(error).__name__}:"
-                    f" {str(error).splitlines()[0][:200]}). Offline, either download them elsewhere and pass "
+                    f" {str(error).splitlines()[0][:300]}). Offline, either download them elsewhere and pass "
                     "backbone.weights=/path/to/file.pth (or .safetensors), or set backbone.pretrained=false "
                     "(or auto) to train from scratch."
                 ) from None
             message = (
-                f"PRETRAINED WEIGHTS FOR {name!r} ARE NOT REACHABLE ({type(error).__name__}); TRAINING FROM SCRATCH. "
+                f"PRETRAINED WEIGHTS FOR {name!r} ARE NOT REACHABLE ({error}); TRAINING FROM SCRATCH. "
                 "Set backbone.pretrained=true to make this an error, or backbone.weights=<file> to use a local copy."
             )
             warnings.warn(message, stacklevel=2)
@@ -102,68 +104,43 @@ def create_backbone(
     return BuiltBackbone(model, status, mean, std)
 
 
-HUB_HOST = os.environ.get("HF_ENDPOINT", "https://huggingface.co").split("://")[-1].split("/")[0]
-
-
-def hub_reachable(host: str = HUB_HOST, timeout: float = 3.0) -> bool:
-    """A quick TCP probe, so an offline machine learns in seconds, not after a long HTTP timeout."""
-    try:
-        with socket.create_connection((host, 443), timeout=timeout):
-            return True
-    except OSError:
-        return False
-
-
-def _create_pretrained(name: str, kwargs: dict) -> nn.Module:
-    """Pretrained weights from the local Hugging Face cache if present, else from the hub when it is reachable."""
-    from huggingface_hub import constants as hub_constants
-
-    offline = hub_constants.HF_HUB_OFFLINE
-    hub_constants.HF_HUB_OFFLINE = True  # first look in the cache only: no network retries
-    try:
-        return timm.create_model(name, pretrained=True, **kwargs)
-    except Exception:  # noqa: BLE001 - not cached: fall through to the network
-        pass
-    finally:
-        hub_constants.HF_HUB_OFFLINE = offline
-    if offline or not hub_reachable():
-        raise ConnectionError(f"no cached weights for {name!r} and {HUB_HOST} is not reachable")
-    return timm.create_model(name, pretrained=True, **kwargs)
-
-
-def _load_local_weights(model: nn.Module, path: Path) -> None:
-    """Load a state dict from ``.pth``/``.pt``/``.bin``/``.safetensors``, skipping a classifier of another shape."""
-    try:
-        if path.suffix == ".safetensors":
-            from safetensors.torch import load_file
-
-            state = load_file(str(path))
-        else:
-            state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as error:  # noqa: BLE001
-        raise BackboneError(f"backbone.weights={str(path)!r} is not a readable weights file ({error}).") from None
-    if isinstance(state, dict) and "state_dict" in state:
-        state = state["state_dict"]
-    own = model.state_dict()
-    usable = {k: v for k, v in state.items() if k in own and own[k].shape == v.shape}
-    if len(usable) < len(own) // 2:
-        raise BackboneError(
-            f"backbone.weights={str(path)!r} matches only {len(usable)} of {len(own)} tensors of "
-            f"{type(model).__name__};"
-            " is it for another architecture?"
-        )
-    model.load_state_dict(usable, strict=False)
-    skipped = sorted(set(own) - set(usable))
-    if skipped:
-        log.info("local weights: %d tensors kept at initialisation (new head): %s", len(skipped), skipped[:4])
-
-
-def set_backbone_trainable(model: nn.Module, trainable: bool) -> None:
-    """Freeze or unfreeze everything except the classifier head (for linear probing)."""
+def set_backbone_trainable(model: nn.Module, trainable: bool, keep_frozen: frozenset[str] = frozenset()) -> None:
+    """Freeze or unfreeze everything except the classifier head (for linear probing); parameters named in
+    ``keep_frozen`` (see :func:`freeze_early_groups`) stay frozen either way."""
     head = {id(p) for p in model.get_classifier().parameters()}
-    for parameter in model.parameters():
+    for name, parameter in model.named_parameters():
         if id(parameter) not in head:
-            parameter.requires_grad_(trainable)
+            parameter.requires_grad_(trainable and name not in keep_frozen)
+
+
+def freeze_early_groups(model: nn.Module, groups: int) -> tuple[frozenset[str], list[nn.Module]]:
+    """Freeze, for the whole run, the first ``groups`` of timm's coarse parameter groups (0: the stem, then one per
+    stage), and return their parameter names and their BatchNorm layers, which the caller keeps in eval mode.
+
+    The early stages of an ImageNet network detect edges and textures that a crack needs too; not training them
+    saves most of the backward pass on a CPU, and their running statistics stay ImageNet's instead of drifting with
+    small batches of one data set."""
+    if groups <= 0:
+        return frozenset(), []
+    from timm.models import group_parameters
+
+    try:
+        grouped = group_parameters(model, model.group_matcher(coarse=True))
+    except (AttributeError, NotImplementedError):
+        raise BackboneError(f"backbone.freeze_groups={groups}: {type(model).__name__} does not declare timm's "
+                            "parameter groups; use freeze_groups: 0.") from None
+    order = sorted(grouped)
+    if groups >= len(order):
+        raise BackboneError(f"backbone.freeze_groups={groups} would freeze all {len(order)} parameter groups of "
+                            f"{type(model).__name__} (stem, stages, head); use at most {len(order) - 1}.")
+    names = frozenset(name for group in order[:groups] for name in grouped[group])
+    for name, parameter in model.named_parameters():
+        if name in names:
+            parameter.requires_grad_(False)
+    norms = [module for prefix, module in model.named_modules()
+             if isinstance(module, nn.modules.batchnorm._BatchNorm)
+             and all(f"{prefix}.{n}" in names for n, _ in module.named_parameters())]
+    return names, norms
 
 
 class CrackNet(nn.Module):

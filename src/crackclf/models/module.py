@@ -11,33 +11,13 @@ from typing import Any
 import pytorch_lightning as pl
 import torch
 import torch.nn.functional as F
-from torchmetrics import MaxMetric, MeanMetric, MetricCollection, SumMetric
-from torchmetrics.classification import (
-    BinaryAccuracy,
-    BinaryAUROC,
-    BinaryF1Score,
-    BinaryPrecision,
-    BinaryRecall,
-)
+from torchmetrics import MaxMetric, MeanMetric, SumMetric
 
-from crackclf.models.backbone import CrackNet, create_backbone, set_backbone_trainable
+from crackclf.metrics import stage_metrics
+from crackclf.models.backbone import CrackNet, create_backbone, freeze_early_groups, set_backbone_trainable
 from crackclf.utils import worker_count
 
 log = logging.getLogger(__name__)
-
-
-def stage_metrics(prefix: str, threshold: float = 0.5) -> MetricCollection:
-    """Accuracy, precision, recall, F1 and AUROC of the crack class, named ``<prefix>/acc`` etc."""
-    return MetricCollection(
-        {
-            "acc": BinaryAccuracy(threshold=threshold),
-            "precision": BinaryPrecision(threshold=threshold),
-            "recall": BinaryRecall(threshold=threshold),
-            "f1": BinaryF1Score(threshold=threshold),
-            "auroc": BinaryAUROC(),
-        },
-        prefix=f"{prefix}/",
-    )
 
 
 class CrackClassifier(pl.LightningModule):
@@ -45,7 +25,8 @@ class CrackClassifier(pl.LightningModule):
 
     Args:
         backbone: ``name``, ``pretrained`` (auto/true/false), ``weights`` (local file), ``freeze_epochs``,
-            ``drop_rate`` and optional extra timm keyword arguments under ``kwargs``.
+            ``freeze_groups`` (early stages frozen for the whole run), ``drop_rate`` and optional extra timm
+            keyword arguments under ``kwargs``.
         optimizer: a partial optimizer (``params`` still missing), from the ``optimizer`` config group.
         scheduler: a partial LR-scheduler factory (``optimizer`` and ``total_steps`` still missing) or ``None``.
         image_size: input side in pixels (recorded with the model).
@@ -77,6 +58,8 @@ class CrackClassifier(pl.LightningModule):
         self.pretrained_status = built.pretrained_status
         self.net = CrackNet(built.model, built.mean, built.std)
         self.freeze_epochs = int(backbone.get("freeze_epochs", 0) or 0)
+        self._frozen_names, self._frozen_norms = freeze_early_groups(built.model,
+                                                                     int(backbone.get("freeze_groups", 0) or 0))
         self.channels_last = channels_last
         if channels_last:
             self.net = self.net.to(memory_format=torch.channels_last)
@@ -127,9 +110,15 @@ class CrackClassifier(pl.LightningModule):
         self._train_started, self._train_images, self._train_elapsed = time.perf_counter(), 0, 0.0
         if self.freeze_epochs:
             trainable = self.current_epoch >= self.freeze_epochs
-            set_backbone_trainable(self.net.backbone, trainable)
+            set_backbone_trainable(self.net.backbone, trainable, self._frozen_names)
             if self.current_epoch in (0, self.freeze_epochs):
                 log.info("epoch %d: backbone %s", self.current_epoch, "unfrozen" if trainable else "frozen")
+
+    def on_train_batch_start(self, batch: Any, batch_index: int) -> None:
+        # Frozen early stages keep their ImageNet BatchNorm statistics: Lightning switches the whole module to train
+        # mode around validation, so put them back every batch (a handful of modules: no measurable cost).
+        for norm in self._frozen_norms:
+            norm.eval()
 
     def training_step(self, batch, batch_index: int) -> torch.Tensor:
         loss, probabilities, labels = self._step(batch)

@@ -6,6 +6,7 @@ import argparse
 import ipaddress
 import logging
 
+from crackclf.errors import UsageError
 from crackclf.inference.commands import MODEL_HELP
 
 log = logging.getLogger(__name__)
@@ -61,7 +62,7 @@ def _serve(args: argparse.Namespace) -> int:
 
     # Options are checked before the heavy imports and the model load, so a typo fails in a fraction of a second.
     if not 0 <= args.port <= 65535:
-        raise ValueError(f"--port {args.port} must be between 0 and 65535 (e.g. 8000).")
+        raise UsageError(f"--port {args.port} must be between 0 and 65535 (e.g. 8000).")
     settings = ServeSettings(
         max_upload_bytes=int(args.max_upload_mb * 2**20), max_pixels=args.max_pixels,
         formats=tuple(f.strip() for f in args.formats.split(",") if f.strip()), max_files=args.max_files,
@@ -73,7 +74,7 @@ def _serve(args: argparse.Namespace) -> int:
     from crackclf.serving.app import create_app
 
     if args.threads < 1:
-        raise ValueError(f"--threads {args.threads} must be >= 1 (e.g. 1).")
+        raise UsageError(f"--threads {args.threads} must be >= 1 (e.g. 1).")
     predictor = Predictor.load(args.model, backend=args.backend, threshold=args.threshold, tta=args.tta,
                                threads=args.threads)
     if not _is_loopback(args.host):

@@ -8,6 +8,7 @@ from typing import Any
 from PIL import Image
 
 from crackclf.data.images import DEFAULT_MAX_PIXELS
+from crackclf.errors import UsageError
 from crackclf.utils import worker_count
 
 #: Pillow format names accepted by default ("MPO" is how Pillow names the JPEGs many phone cameras write).
@@ -37,17 +38,17 @@ class ServeSettings:
     def __post_init__(self) -> None:
         for name in ("max_upload_bytes", "max_pixels", "max_files", "max_tiles", "workers", "retry_after_s"):
             if int(getattr(self, name)) < 1:
-                raise ValueError(f"serving limit {name}={getattr(self, name)} ({OPTIONS.get(name, 'setting')}) "
+                raise UsageError(f"serving limit {name}={getattr(self, name)} ({OPTIONS.get(name, 'setting')}) "
                                  "must be >= 1.")
         if self.queue_size < 0:
-            raise ValueError(f"serving limit queue_size={self.queue_size} (--queue) must be >= 0 (0: no waiting "
+            raise UsageError(f"serving limit queue_size={self.queue_size} (--queue) must be >= 0 (0: no waiting "
                              "requests).")
         formats = tuple(f.upper() for f in self.formats)
         Image.init()  # registers every plugin; MPO is opened by the JPEG plugin, so it is not a key of Image.OPEN
         known = set(Image.OPEN) | {"MPO"}
         unknown = [f for f in formats if f not in known]
         if not formats or unknown:
-            raise ValueError(f"accepted formats (--formats) {', '.join(unknown) or '(none)'} are not image formats "
+            raise UsageError(f"accepted formats (--formats) {', '.join(unknown) or '(none)'} are not image formats "
                              f"Pillow reads; choose from {', '.join(sorted(known))}.")
         object.__setattr__(self, "formats", formats)
 

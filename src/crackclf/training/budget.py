@@ -17,6 +17,7 @@ import time
 import pytorch_lightning as pl
 
 from crackclf import PROCESS_STARTED
+from crackclf.errors import UsageError
 from crackclf.training.schedulers import set_total_steps
 
 log = logging.getLogger(__name__)
@@ -34,9 +35,9 @@ class TimeBudget(pl.Callback):
 
     def __init__(self, minutes: float | None, reserve_seconds: float = 3.0) -> None:
         if minutes is not None and minutes <= 0:
-            raise ValueError(f"callbacks.time_budget.minutes={minutes} must be > 0 (or null to switch it off).")
+            raise UsageError(f"callbacks.time_budget.minutes={minutes} must be > 0 (or null to switch it off).")
         if reserve_seconds < 0:
-            raise ValueError(f"callbacks.time_budget.reserve_seconds={reserve_seconds} must be >= 0.")
+            raise UsageError(f"callbacks.time_budget.reserve_seconds={reserve_seconds} must be >= 0.")
         self.minutes, self.reserve_seconds = minutes, reserve_seconds
         self.planned_epochs: int | None = None
         self._epoch_started = self._val_started = 0.0

@@ -23,6 +23,8 @@ import math
 import pytorch_lightning as pl
 import torch
 
+from crackclf.errors import UsageError
+
 log = logging.getLogger(__name__)
 
 
@@ -60,12 +62,12 @@ class HardExampleFocus(pl.Callback):
 
     def __init__(self, weight: float = 0.0, start: int = 2, uniform_last: int = 1) -> None:
         if not 0.0 <= weight < 1.0:
-            raise ValueError(f"callbacks.hard_example_focus.weight={weight} must be in [0, 1) (0 switches it off).")
+            raise UsageError(f"callbacks.hard_example_focus.weight={weight} must be in [0, 1) (0 switches it off).")
         if start < 1:
-            raise ValueError(f"callbacks.hard_example_focus.start={start} must be >= 1: the first epoch has no "
+            raise UsageError(f"callbacks.hard_example_focus.start={start} must be >= 1: the first epoch has no "
                              "losses to focus on.")
         if uniform_last < 0:
-            raise ValueError(f"callbacks.hard_example_focus.uniform_last={uniform_last} must be >= 0.")
+            raise UsageError(f"callbacks.hard_example_focus.uniform_last={uniform_last} must be >= 0.")
         self.weight, self.start, self.uniform_last = float(weight), int(start), int(uniform_last)
         self.losses: torch.Tensor | None = None  # last training loss of every training row; NaN: not seen yet
         self._order: tuple[int, torch.Tensor] | None = None  # (epoch, order) last drawn

@@ -13,6 +13,8 @@ import logging
 
 import pytorch_lightning as pl
 
+from crackclf.errors import UsageError
+
 log = logging.getLogger(__name__)
 
 
@@ -26,9 +28,9 @@ class ProgressiveResize(pl.Callback):
 
     def __init__(self, size: int, epochs: int) -> None:
         if size < 8:
-            raise ValueError(f"callbacks.progressive_resize.size={size} must be at least 8 pixels, e.g. 64.")
+            raise UsageError(f"callbacks.progressive_resize.size={size} must be at least 8 pixels, e.g. 64.")
         if epochs < 0:
-            raise ValueError(f"callbacks.progressive_resize.epochs={epochs} must be >= 0 (0 disables it).")
+            raise UsageError(f"callbacks.progressive_resize.epochs={epochs} must be >= 0 (0 disables it).")
         self.size, self.epochs = int(size), int(epochs)
 
     def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:

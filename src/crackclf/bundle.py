@@ -23,6 +23,7 @@ import timm
 import torch
 from torch import nn
 
+from crackclf.errors import CrackclfError
 from crackclf.models.backbone import CrackNet
 from crackclf.utils import atomic_write
 
@@ -33,7 +34,7 @@ RUN_CHECKPOINT = "checkpoints/best.ckpt"
 MODEL_SOURCES = "Give a .ckpt or .onnx file, runs:/<run_id> or models:/<name>/<version>."
 
 
-class BundleError(ValueError):
+class BundleError(CrackclfError, ValueError):
     """A model source that cannot be loaded; the message names it and says what was expected."""
 
 

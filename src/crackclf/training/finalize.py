@@ -1,0 +1,102 @@
+"""The stage after fitting: the weights that will be deployed, their threshold, their test scores and their clean
+train–validation gap, as one typed :class:`FinalReport` that the bundle, MLflow and the summary are built from."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+
+from crackclf.bundle import BundleInfo, source_tile_size
+from crackclf.metrics import accuracy, choose_threshold, confusion_matrix
+
+__all__ = ["FinalReport", "bundle_info", "finalize"]
+
+log = logging.getLogger("crackclf.train")
+
+
+@dataclass(frozen=True)
+class FinalReport:
+    """What a finished fit measured on the deployed (best) weights."""
+
+    epochs: int
+    best_checkpoint: str  #: "" when no checkpoint callback ran
+    threshold: float
+    val_acc: float
+    val_loss: float
+    train_clean_acc: float
+    train_val_gap: float
+    overfitting: bool
+    test: dict[str, float] = field(default_factory=dict)  #: ``test/acc`` … (empty without a test split)
+    test_confusion: np.ndarray | None = None
+
+    def results(self) -> dict[str, Any]:
+        """The flat metrics ``train.run`` returns (and sweeps optimise)."""
+        return {"epochs": self.epochs, "val/acc": self.val_acc, "val/loss": self.val_loss,
+                "threshold": self.threshold, "train/clean_acc": self.train_clean_acc,
+                "train_val_gap": self.train_val_gap, **self.test}
+
+
+def finalize(trainer: Any, model: Any, datamodule: Any, *, threshold_mode: str, target_recall: float,
+             max_gap: float) -> FinalReport:
+    """Reload the best weights, choose the threshold on validation, test, and measure the clean train–val gap."""
+    checkpoint = trainer.checkpoint_callback
+    best_path = checkpoint.best_model_path if checkpoint is not None else ""
+    if best_path:
+        model.load_state_dict(torch.load(best_path, map_location="cpu", weights_only=False)["state_dict"])
+
+    # Threshold on validation data only, with the weights that will be deployed.
+    val_results = trainer.validate(model, datamodule=datamodule, verbose=False)[0]
+    val_probabilities, val_labels = model.validation_probabilities()
+    model.decision_threshold = choose_threshold(val_probabilities.numpy(), val_labels.numpy(), threshold_mode,
+                                                target_recall)
+    test_results = trainer.test(model, datamodule=datamodule, verbose=False)[0] if datamodule.rows_of("test") else {}
+    test_confusion = None
+    if test_results:
+        probabilities, labels = model.test_probabilities()
+        test_confusion = confusion_matrix(probabilities.numpy(), labels.numpy(), model.decision_threshold)
+
+    # The generalisation gap of the deployed weights: a sample of the training split as large as validation,
+    # unaugmented, against validation, both at 0.5 like val/acc. (The per-epoch train/gap compares accuracy on
+    # augmented, partly hard-example batches while the weights change: a curve, not this measurement.)
+    train_sample = datamodule.train_sample_dataloader(len(datamodule.rows_of("val")))
+    train_accuracy = accuracy(_confusion(model, datamodule, train_sample, trainer, 0.5))
+    val_acc = float(val_results["val/acc"])
+    gap = train_accuracy - val_acc
+    overfitting = gap > max_gap
+    if overfitting:
+        log.warning("train (unaugmented sample) - val accuracy gap %.4f exceeds model.max_gap=%s: the run looks "
+                    "overfitted", gap, max_gap)
+    return FinalReport(epochs=trainer.current_epoch, best_checkpoint=best_path, threshold=model.decision_threshold,
+                       val_acc=val_acc, val_loss=float(val_results["val/loss"]), train_clean_acc=train_accuracy,
+                       train_val_gap=gap, overfitting=overfitting,
+                       test={k: float(v) for k, v in test_results.items()}, test_confusion=test_confusion)
+
+
+def bundle_info(cfg: Any, model: Any, datamodule: Any, threshold: float, run_id: str | None) -> BundleInfo:
+    """What travels with the deployed weights: backbone, input size, normalisation, classes, threshold, source."""
+    return BundleInfo(
+        backbone=cfg.backbone.name, image_size=cfg.data.image_size, mean=tuple(model.net.mean.flatten().tolist()),
+        std=tuple(model.net.std.flatten().tolist()), class_names=tuple(cfg.data.class_names), threshold=threshold,
+        run_id=run_id, pretrained_status=model.pretrained_status, timm_kwargs=dict(cfg.backbone.get("kwargs") or {}),
+        tile_size=source_tile_size(datamodule.verify_report),
+    )
+
+
+def _confusion(model: Any, datamodule: Any, loader: Any, trainer: Any, threshold: float) -> np.ndarray:
+    """Confusion matrix of ``loader``'s images, unaugmented, at ``threshold`` (rows: true, columns: predicted);
+    under DDP summed over the ranks."""
+    device = trainer.strategy.root_device  # trainer.test() leaves the module on the CPU: back to the GPU if any
+    matrix = np.zeros((2, 2), dtype=np.int64)
+    model.to(device).eval()
+    with torch.no_grad():
+        for batch in loader:
+            images, labels = datamodule.on_after_batch_transfer([t.to(device) for t in batch], 0)
+            probabilities = model(images).softmax(1)[:, 1].cpu().numpy()
+            matrix += confusion_matrix(probabilities, labels.cpu().numpy(), threshold)
+    if trainer.world_size > 1:  # DDP: each rank counted its own shard (summed on the device: NCCL needs GPU tensors)
+        matrix = trainer.strategy.reduce(torch.from_numpy(matrix).to(device), reduce_op="sum").cpu().numpy()
+    return matrix
