@@ -85,7 +85,7 @@ def main() -> None:
     results = []
     for index in range(args.runs):
         if args.keep:  # the run folder (checkpoints, config) and its MLflow store stay for a closer look
-            work = args.keep / f"run-{time.strftime('%Y%m%d-%H%M%S')}-{index + 1}"
+            work = args.keep.resolve() / f"run-{time.strftime('%Y%m%d-%H%M%S')}-{index + 1}"
             work.mkdir(parents=True)
             result = run_once(args.data.resolve(), args.overrides, work, args.cache_dir)
         else:

@@ -55,7 +55,8 @@ def test_real_model_evaluate_predict_map_export(shared_data, tmp_path, mlflow_ur
     names = {c: sorted(p.name for p in (shared_data / c).glob("*.jpg")) for c in ("Negative", "Positive")}
     train = link_subset(shared_data, tmp_path / "train", {c: n[:700] for c, n in names.items()})
     heldout = link_subset(shared_data, tmp_path / "heldout", {c: n[-150:] for c, n in names.items()})
-    result = run_train(f"data.root={train}", "backbone=lcnet_050", "data.batch_size=64", "trainer.max_epochs=5",
+    result = run_train(f"data.root={train}", "backbone=lcnet_050", "optimizer=adamw",
+                       "data.batch_size=64", "trainer.max_epochs=5",
                        "callbacks.early_stopping.patience=5", "data.progress=false",
                        "callbacks.progress_bar.refresh_rate=0", f"hydra.run.dir={tmp_path / 'run'}")
     assert result.returncode == 0, result.stderr[-3000:]

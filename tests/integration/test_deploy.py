@@ -149,8 +149,11 @@ def test_predict_cli_handles_the_bad_input_corpus(tiny_model, bad_corpus, tmp_pa
             assert item.reason in row["error"] and row["probability"] == "", row
             assert f"cannot use {describe_source(item.path)}: " in result.stderr
     assert "file not found" in by_path[str(tmp_path / "no_such.png")][0]["error"]
-    # Every listed file is predicted or listed with a reason: nothing silently dropped.
-    assert "predicted" in result.stderr and "failed" in result.stderr
+    # Every listed file is predicted or listed with a reason: nothing silently dropped, and the summary counts both.
+    rows = [row for group in by_path.values() for row in group]
+    errors = sum(1 for row in rows if row["error"])
+    assert f"crackclf predict: {len(rows) - errors} predicted, {errors} failed" in result.stderr
+    assert errors > 0 and len(rows) - errors > 0
 
 
 def crackclf(capsys, *args: str) -> tuple[int, str, str]:

@@ -104,7 +104,7 @@ def test_compare_writes_table_and_one_curve_per_run_and_logs_them_to_the_parent(
     for child in children:
         row = next(r for r in rows if child.info.run_id[:8] in r)
         cells = [c.strip() for c in row.strip("|").split("|")]
-        assert cells[2] == "lcnet_050"  # the default backbone
+        assert cells[2] == "tf_efficientnet_lite0"  # the default backbone
         assert f"{child.data.metrics['val/acc']:.4f}" in cells and f"{child.data.metrics['test/f1']:.4f}" in cells
     png = Image.open(tmp_path / "reports" / f"compare-{sweep_id}.png")
     assert png.size[0] > 300

@@ -20,8 +20,9 @@ import sys, time
 from pathlib import Path
 from crackclf.data.cache import build_cache
 from crackclf.data.inventory import read_records
-root, records_csv, cache, go = sys.argv[1:5]
+root, records_csv, cache, go, ready = sys.argv[1:6]
 records = read_records(Path(records_csv))
+Path(ready).touch()  # imports done: tell the test, then wait for the other builder
 while not Path(go).exists():  # start together
     time.sleep(0.005)
 array = build_cache(Path(root), [r.path for r in records], [r.md5 for r in records], 48, Path(cache))
@@ -34,12 +35,16 @@ def test_concurrent_builders_make_one_valid_cache(tiny_dataset, tmp_path):
     records_csv = next((tmp_path / "inv").glob("inventory-*.csv"))
     cache, go = tmp_path / "cache", tmp_path / "go"
     env = {**os.environ, "PYTHONPATH": str(REPO / "src")}
+    ready = [tmp_path / f"ready-{i}" for i in range(2)]
     builders = [
-        subprocess.Popen([sys.executable, "-c", BUILDER, str(tiny_dataset), str(records_csv), str(cache), str(go)],
-                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
-        for _ in range(2)
+        subprocess.Popen([sys.executable, "-c", BUILDER, str(tiny_dataset), str(records_csv), str(cache), str(go),
+                          str(flag)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+        for flag in ready
     ]
-    time.sleep(2.0)  # let both interpreters import and wait at the barrier
+    deadline = time.monotonic() + 120
+    while not all(flag.exists() for flag in ready):  # a handshake, not a guess at how long imports take
+        assert time.monotonic() < deadline and all(b.poll() is None for b in builders), "a builder did not start"
+        time.sleep(0.01)
     go.touch()
     outputs = [builder.communicate(timeout=240) for builder in builders]
     assert [b.returncode for b in builders] == [0, 0], [err[-2000:] for _, err in outputs]

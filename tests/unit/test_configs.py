@@ -70,22 +70,42 @@ def test_each_choice_composes_and_instantiates(group, choice, tiny_dataset, tmp_
             return
         optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.1)
         factory = instantiate(node)
-        kwargs = {} if "ReduceLROnPlateau" in node._target_ else {"total_steps": 10}
-        assert factory(optimizer=optimizer, **kwargs) is not None
+        plateau = "ReduceLROnPlateau" in node._target_
+        scheduler = factory(optimizer=optimizer, **({} if plateau else {"total_steps": 10}))
+        rates = []
+        for _ in range(10):  # the schedule moves the rate: down on a plateau, over the planned steps otherwise
+            optimizer.step()
+            scheduler.step(1.0) if plateau else scheduler.step()
+            rates.append(optimizer.param_groups[0]["lr"])
+        assert min(rates) < 0.1 * 0.5 and len(set(rates)) > 1, rates
     elif group == "trainer":
         if node.get("accelerator") == "gpu" and not torch.cuda.is_available():
             pytest.skip("trainer=gpu composes; instantiating it needs a GPU")
         trainer = instantiate(node, logger=False, enable_checkpointing=False)
-        assert trainer is not None
+        assert trainer.max_epochs == (1 if node.get("fast_dev_run") else node.max_epochs)
+        assert trainer.accelerator.__class__.__name__.lower().startswith(
+            "cpu" if node.accelerator in ("cpu", "auto") and not torch.cuda.is_available() else node.accelerator)
     elif group == "callbacks":
         callbacks = [instantiate(c) for c in (node or {}).values()]
-        assert choice == "none" or callbacks
+        names = {type(c).__name__ for c in callbacks}
+        assert names == (set() if choice == "none" else {
+            "EarlyStopping", "ModelCheckpoint", "LearningRateMonitor", "TQDMProgressBar", "ProgressiveResize",
+            "TimeBudget", "HardExampleFocus"}), names
     elif group == "logger":
         if node is None:
             assert choice == "none"
             return
         kwargs = {"run_id": None} if "MLFlow" in node._target_ else {}
-        assert instantiate(node, **kwargs) is not None
+        logger = instantiate(node, **kwargs)
+        _ = logger.experiment  # Lightning creates the run (or the CSV folder) on first use
+        logger.log_metrics({"probe": 1.0}, step=0)  # the logger records what training logs
+        logger.finalize("success")
+        if "MLFlow" in node._target_:
+            from mlflow.tracking import MlflowClient
+
+            assert MlflowClient(mlflow_uri).get_run(logger.run_id).data.metrics["probe"] == 1.0
+        else:
+            assert "probe" in (Path(logger.log_dir) / "metrics.csv").read_text()
 
 
 def test_default_composition_is_valid(tiny_dataset, tmp_path):

@@ -96,7 +96,7 @@ def test_frozen_early_stages_keep_their_weights_and_imagenet_statistics(tmp_path
 
     GlobalHydra.instance().clear()
     with initialize_config_dir(config_dir=str(Path(__file__).resolve().parents[2] / "conf"), version_base="1.3"):
-        cfg = compose("train", overrides=["experiment=cpu_transfer", f"paths.root_dir={tmp_path}"])
+        cfg = compose("train", overrides=["experiment=cpu_fast", f"paths.root_dir={tmp_path}"])
     model = instantiate(cfg.model)
     stem_norm, late_norm = model.net.backbone.bn1, model.net.backbone.blocks[6][0].bn3
     before = {k: v.clone() for k, v in model.net.backbone.state_dict().items()}

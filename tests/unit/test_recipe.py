@@ -49,8 +49,20 @@ def test_cpu_ranks_one_process_per_core_up_to_the_cap_and_one_gpu(monkeypatch):
     assert cpu_data_parallel_devices(2) == 1
 
 
-def test_recipe_trains_lcnet_050_from_scratch_at_96px():
+def test_recipe_fine_tunes_the_pretrained_lite0_at_96px_with_its_early_stages_frozen():
     cfg = compose_train(["experiment=cpu_fast"])
-    assert cfg.backbone.name == "lcnet_050" and str(cfg.backbone.pretrained).lower() == "false"
+    assert cfg.backbone.name == "tf_efficientnet_lite0" and str(cfg.backbone.pretrained).lower() == "true"
+    assert cfg.backbone.freeze_groups == 5 and cfg.optimizer.lr == 0.002
     assert cfg.data.image_size == 96
     assert cfg.callbacks.early_stopping.monitor == "val/loss"
+
+
+def test_the_scratch_recipe_differs_from_the_default_only_in_its_network_and_learning_rate():
+    recipe, scratch = (OmegaConf.to_container(compose_train([f"experiment={name}"]))
+                       for name in ("cpu_fast", "cpu_scratch"))
+    for values in (recipe, scratch):
+        values.pop("hydra")
+    differing = {key for key, value in dict(_leaves(scratch)).items() if dict(_leaves(recipe)).get(key) != value}
+    assert {key[0] for key in differing} == {"backbone", "optimizer"}
+    assert scratch["backbone"]["name"] == "lcnet_050" and scratch["backbone"]["pretrained"] is False
+    assert scratch["optimizer"]["lr"] == 0.01
