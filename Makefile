@@ -121,13 +121,15 @@ bench-shift: $(STAMP) ## test split re-rendered as other cameras/files would giv
 		--out bench/bench_shift.json $(ARGS)
 
 # The browser test (tests/e2e) drives Debian's chromium + chromedriver; installed here when missing and root.
-browser: ## install headless Chromium + chromedriver for the browser test (apt-get, as root)
+browser: ## install headless Chromium + chromedriver for the browser test (apt-get, as root) [BROWSER_REQUIRED=1: fail if not]
 	@command -v chromium >/dev/null && command -v chromedriver >/dev/null || { \
 	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
 	    echo "installing chromium + chromium-driver for the browser test (apt-get)"; \
 	    { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver \
-	      >/dev/null; } || echo "could not install chromium: the browser test will be skipped"; \
-	  else echo "no chromium/chromedriver and no root apt-get: the browser test will be skipped"; fi; }
+	      >/dev/null; } || { echo "could not install chromium: the browser test will be skipped"; \
+	      [ -z "$(BROWSER_REQUIRED)" ] || exit 1; }; \
+	  else echo "no chromium/chromedriver and no root apt-get: the browser test will be skipped"; \
+	    [ -z "$(BROWSER_REQUIRED)" ] || exit 1; fi; }
 
 test: $(STAMP) browser ## fast tests (slow ones excluded)
 	$(BIN)/python -m pytest -m "not slow" -q
