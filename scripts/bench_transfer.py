@@ -19,13 +19,15 @@ from pathlib import Path
 
 import numpy as np
 
+from crackclf.data.download import CLASS_DIRS
 from crackclf.data.split import read_split
 from crackclf.inference.evaluate import labelled_files
 from crackclf.inference.predictor import Predictor
 from crackclf.metrics import binary_metrics
 from crackclf.utils import cpu_model
 
-KNOWN_CLASS_DIRS = (("no_crack", "crack"), ("Negative", "Positive"))
+#: The names other labelled sets use (``other_surfaces``), then Özgenel's (the data module's default).
+KNOWN_CLASS_DIRS = (("no_crack", "crack"), CLASS_DIRS)
 
 
 def class_dirs_of(folder: Path, given: list[str] | None) -> tuple[str, str]:
