@@ -116,7 +116,8 @@ def run_cli(*args: str, cwd: Path | None = None, timeout: float = 600, env: dict
 def tiny_fit(dataset: Path, root: Path, callbacks: list, epochs: int, *, image_size: int = 32, batch_size: int = 16,
              lr: float = 1e-2, scheduler=None, ckpt_path: str | None = None):
     """Fit lcnet_050 from scratch on ``dataset`` in this process (CPU, no logger, no checkpoints unless a callback
-    writes them): the small real training run behind the callback tests. Returns ``(datamodule, trainer)``."""
+    writes them, e.g. a ``ModelCheckpoint``): the small real training run behind the callback tests. Returns
+    ``(datamodule, trainer)``."""
     import pytorch_lightning as pl
     import torch
 
@@ -128,7 +129,8 @@ def tiny_fit(dataset: Path, root: Path, callbacks: list, epochs: int, *, image_s
     model = CrackClassifier({"name": "lcnet_050", "pretrained": False}, label_smoothing=0.05,
                             optimizer=lambda params: torch.optim.AdamW(params, lr=lr), scheduler=scheduler,
                             image_size=image_size)
-    trainer = pl.Trainer(max_epochs=epochs, accelerator="cpu", logger=False, enable_checkpointing=False,
+    checkpointing = any(isinstance(callback, pl.callbacks.ModelCheckpoint) for callback in callbacks)
+    trainer = pl.Trainer(max_epochs=epochs, accelerator="cpu", logger=False, enable_checkpointing=checkpointing,
                          enable_progress_bar=False, num_sanity_val_steps=0, callbacks=callbacks,
                          default_root_dir=root)
     trainer.fit(model, datamodule=data, ckpt_path=ckpt_path, weights_only=False)
@@ -149,3 +151,13 @@ def corpus_dataset(tmp_path_factory) -> tuple[Path, list]:
 
     root = write_dataset(tmp_path_factory.mktemp("corpus_dataset"), per_class=30, seed=3)
     return root, install_corpus(root, "Positive")
+
+
+def expected_validation_points(client, run_id: str, epochs: int) -> int:
+    """How many ``val/acc`` points a finished run logs: one per epoch, plus the re-validation of the best weights
+    after fit unless they are the last epoch's (whose validation pass already scored them). The best epoch is the
+    first lowest ``val/loss``, as the checkpoint callback keeps it."""
+    history = sorted(client.get_metric_history(run_id, "val/loss"), key=lambda m: (m.timestamp, m.step))[:epochs]
+    losses = [m.value for m in history]
+    best = losses.index(min(losses))
+    return epochs if best == epochs - 1 else epochs + 1

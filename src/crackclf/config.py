@@ -103,6 +103,11 @@ def validate(cfg: DictConfig) -> None:
     if data.get("split_file") is not None:
         _require(Path(data.split_file).is_file(), f"data.split_file={data.split_file} does not exist.")
 
+    start = cfg.get("init_from")
+    if start and not str(start).startswith(("runs:/", "models:/")):
+        _require(Path(str(start)).is_file(), f"init_from={start} is not a file: give the .ckpt of a trained model "
+                 "(e.g. outputs/<date>/<time>/checkpoints/best.ckpt), runs:/<run_id> or models:/<name>/<version>.")
+
     epochs = cfg.trainer.get("max_epochs")
     _require(epochs is None or (isinstance(epochs, int) and (epochs >= 1 or epochs == -1)),
              f"trainer.max_epochs={epochs!r} must be an integer >= 1.")

@@ -52,7 +52,9 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         datamodule = instantiate(cfg.data, augment=instantiate(cfg.augmentation))
         datamodule.prepare(prefetch_cache=True)  # decoded while the model, MLflow run and DDP ranks start
         model = instantiate(cfg.model)
-        training_run.start(model.pretrained_status, extra_tags=job_info(), parent_run_id=parent_run_id())
+        started_from = _start_from(cfg, model)
+        training_run.start(model.pretrained_status, extra_tags={**job_info(), **started_from},
+                           parent_run_id=parent_run_id())
         training_run.log_inputs(datamodule)
         callbacks = [instantiate(c) for c in (cfg.get("callbacks") or {}).values() if c is not None]
         trainer = instantiate(cfg.trainer, callbacks=[*callbacks, training_run.checkpoints],
@@ -69,6 +71,16 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         if rank == 0:  # one summary, not one per DDP process
             _print_summary(cfg, report.results(), training_run.run_id)
     return report.results()
+
+
+def _start_from(cfg: DictConfig, model: Any) -> dict[str, str]:
+    """The ``init_from`` stage: the weights of an earlier model, when one is given; the run's tag naming it."""
+    if not cfg.get("init_from"):
+        return {}
+    from crackclf.training.init_from import initialise_from
+
+    source = str(cfg.init_from)
+    return {"init_from": initialise_from(model, source, cfg.backbone.name, dict(cfg.backbone.get("kwargs") or {}))}
 
 
 def _print_summary(cfg: DictConfig, results: dict[str, Any], run_id: str | None) -> None:

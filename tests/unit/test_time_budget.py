@@ -76,7 +76,7 @@ def test_an_ample_budget_keeps_max_epochs_and_the_planned_schedule(tiny_dataset,
     trainer, recorder = _fit(tiny_dataset, tmp_path, budget, max_epochs=3)
     assert budget.planned_epochs == 3 and trainer.current_epoch == 3
     assert trainer.lr_scheduler_configs[0].scheduler.lr_lambdas[0].total_steps == 3 * trainer.num_training_batches
-    assert budget.state_dict() == {"planned_epochs": 3}
+    assert budget.state_dict() == {"planned_epochs": 3, "provisional": False, "max_epochs": 3}
 
 
 def test_no_budget_changes_nothing(tiny_dataset, tmp_path):
@@ -99,3 +99,99 @@ def test_replanned_cosine_reaches_its_floor_at_the_new_end():
 def test_bad_settings_are_named(minutes, reserve, message):
     with pytest.raises(ValueError, match=message):
         TimeBudget(minutes=minutes, reserve_seconds=reserve)
+
+
+class _Clock:
+    """A monotonic clock that returns ``readings`` in turn, then keeps advancing by one second per reading."""
+
+    def __init__(self, readings: list[float]) -> None:
+        self.readings, self.last = list(readings), 0.0
+
+    def monotonic(self) -> float:
+        self.last = self.readings.pop(0) if self.readings else self.last + 1.0
+        return self.last
+
+
+class _RecordPlan(pl.Callback):
+    """Which training batch of which epoch first saw a plan, and the warm-up and total steps it set."""
+
+    def __init__(self, budget: TimeBudget) -> None:
+        self.budget, self.first_planned_at = budget, None
+        self.schedule: tuple[int, int] | None = None
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if self.budget.planned_epochs is not None and self.first_planned_at is None:
+            self.first_planned_at = (trainer.current_epoch, batch_idx)
+            if trainer.lr_scheduler_configs:
+                factor = trainer.lr_scheduler_configs[0].scheduler.lr_lambdas[0]
+                self.schedule = (factor.warmup_steps, factor.total_steps)
+
+
+def _fit_early(tiny_dataset, tmp_path, budget: TimeBudget, max_epochs: int, warmup_fraction: float = 0.5):
+    plan, rates = _RecordPlan(budget), _RecordLR()
+    _, trainer = tiny_fit(tiny_dataset, tmp_path, [budget, plan, rates], max_epochs, batch_size=4,
+                          scheduler=lambda optimizer, total_steps: warmup_cosine(optimizer, total_steps,
+                                                                                 warmup_fraction))
+    return trainer, plan, rates
+
+
+def test_the_first_plan_is_made_early_in_the_first_epoch_and_fits_the_warmup(tiny_dataset, tmp_path, monkeypatch):
+    # The clock's readings, in the order the budget takes them: epoch 0 starts at 10 s; the step timing runs from
+    # the end of batch 2 (20 s) to the end of batch 7 (30 s): 2 s a step. Batches 8-13 and a validation pass of
+    # 3 batches (guessed at 0.7 of a step each: 4.2 s) are left of epoch 0: 16.2 s. An epoch is guessed at
+    # 14 x 2 + 4.2 = 32.2 s. A 120 s budget leaves 120 - 30 - 3 x 4.2 - 16.2 = 61.2 s: one more epoch, 2 in all.
+    # At epoch 0's end (validation 40-50 s, the epoch 40 s) 120 - 50 - 30 = 40 s fit one more 40 s epoch: 2 stays.
+    clock = _Clock([10, 20, 30, 40, 50])
+    monkeypatch.setattr(budget_module, "time", clock)
+    monkeypatch.setattr(budget_module, "PROCESS_STARTED", 0.0)
+    budget = TimeBudget(minutes=2, reserve_seconds=0, plan_at=0.5)
+    trainer, plan, rates = _fit_early(tiny_dataset, tmp_path, budget, max_epochs=6)
+    batches = trainer.num_training_batches
+    assert batches == 14 and sum(trainer.num_val_batches) == 3  # what the arithmetic above stands on
+    assert plan.first_planned_at == (0, 7)  # planned half-way through the first epoch, not at its end
+    assert budget.planned_epochs == 2 and trainer.current_epoch == 2 and not budget._provisional
+    # The warm-up, sized for 6 epochs (42 steps), became half of the 28 planned steps: 14, not past the end.
+    assert plan.schedule == (14, 28)
+    assert rates.rates[13] == pytest.approx(1e-2) and rates.rates[-1] < 0.1 * 1e-2  # warmed up, then annealed
+
+
+def test_an_early_plan_is_corrected_once_by_the_measured_first_epoch(tiny_dataset, tmp_path, monkeypatch):
+    # As above, the early guess is 2 epochs (61.2 s left, 32.2 s an epoch). The first epoch really took 20 s
+    # (validation 28-30 s) and 120 - 30 - 3 x 2 = 84 s are left: 4 more epochs fit, 5 in all; the schedule grows to
+    # 5 epochs' steps with the warm-up it already had.
+    clock = _Clock([10, 20, 30, 28, 30] + [30 + k for k in range(1, 200)])
+    monkeypatch.setattr(budget_module, "time", clock)
+    monkeypatch.setattr(budget_module, "PROCESS_STARTED", 0.0)
+    budget = TimeBudget(minutes=2, reserve_seconds=0, plan_at=0.5)
+    trainer, plan, _ = _fit_early(tiny_dataset, tmp_path, budget, max_epochs=6)
+    assert plan.first_planned_at == (0, 7) and plan.schedule == (14, 28)
+    assert budget.planned_epochs == 5 and trainer.current_epoch == 5
+    factor = trainer.lr_scheduler_configs[0].scheduler.lr_lambdas[0]
+    assert (factor.warmup_steps, factor.total_steps) == (14, 5 * 14)
+
+
+def test_a_short_first_epoch_is_planned_at_its_end(tiny_dataset, tmp_path):
+    budget = TimeBudget(minutes=60, plan_at=0.5)  # 4 batches of 16: too few to time a step early
+    plan = _RecordPlan(budget)
+    _, trainer = tiny_fit(tiny_dataset, tmp_path, [budget, plan], 2)
+    assert trainer.num_training_batches < 6 and plan.first_planned_at == (1, 0)  # first seen in epoch 1
+    assert budget.planned_epochs == 2
+
+
+def test_warmup_fitted_to_a_plan_never_jumps_past_the_steps_taken_nor_grows():
+    optimizer = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=1.0)
+    scheduler = warmup_cosine(optimizer, total_steps=1000, warmup_fraction=0.1)  # warm-up 100 steps
+    factor: WarmupCosineFactor = scheduler.lr_lambdas[0]
+    assert set_total_steps(scheduler, 200, warmup_from=30) and (factor.warmup_steps, factor.total_steps) == (31, 200)
+    assert set_total_steps(scheduler, 600, warmup_from=10) and factor.warmup_steps == 31  # never longer
+    set_total_steps(scheduler, 100)
+    assert factor.warmup_steps == 31 and factor.total_steps == 100  # without warmup_from the warm-up stays
+    old = WarmupCosineFactor(1000, 100, 0.01)  # as restored from a checkpoint written before warmup_fraction
+    del old.warmup_fraction
+    scheduler.lr_lambdas[0] = old
+    assert set_total_steps(scheduler, 200, warmup_from=30) and old.warmup_steps == 100
+
+
+def test_plan_at_must_be_a_share_of_the_epoch():
+    with pytest.raises(ValueError, match=r"plan_at=0 must be in \(0, 1\]"):
+        TimeBudget(minutes=5, plan_at=0)

@@ -73,6 +73,7 @@ class CrackClassifier(pl.LightningModule):
         self.last_val_acc: float | None = None
         self.history: list[dict[str, float]] = []  # per-epoch metrics, for plots without re-reading MLflow
         self.val_outputs: list[tuple[torch.Tensor, torch.Tensor]] = []
+        self.val_outputs_epoch: int | None = None  # the fit epoch whose validation pass filled val_outputs
         self.test_outputs: list[tuple[torch.Tensor, torch.Tensor]] = []
         self.last_sample_losses: torch.Tensor | None = None
         # Set again at each epoch start; here too, because a run resumed mid-epoch skips that hook.
@@ -167,6 +168,8 @@ class CrackClassifier(pl.LightningModule):
     # ----------------------------------------------------------------------------------------------- validation
     def on_validation_epoch_start(self) -> None:
         self.val_outputs = []
+        fitting = self.trainer.state.fn == "fit" and not self.trainer.sanity_checking
+        self.val_outputs_epoch = self.current_epoch if fitting else None
 
     def validation_step(self, batch, batch_index: int) -> None:
         loss, probabilities, labels = self._step(batch)

@@ -2,11 +2,13 @@
 
 Machines differ: the same recipe's epoch costs nearly twice as long on some 2-core cloud machines as on others
 (`make bench-recipe`, docs/recipe.md). A fixed epoch count is either too long for the slow one or wastes the fast
-one's budget. After the first epoch, :class:`TimeBudget` knows what an epoch (training and validation) costs here
-and how long the process has run (inventory, split and cache included), plans the number of epochs that still fit
-(decided at the end of the first epoch's validation pass), and makes the learning-rate schedule end exactly there, so
-the last epochs still anneal. After each later epoch the plan only shrinks, when the machine has slowed down. It is
-stored in checkpoints (a resumed run keeps it) and logged as ``budget/planned_epochs``."""
+one's budget. Early in the first epoch (after a share ``plan_at`` of its batches), :class:`TimeBudget` knows what a
+training step costs here and how long the process has run (inventory, split and cache included); it plans the number
+of epochs that fit and makes the learning-rate schedule end exactly there, warm-up included: a slow machine that fits
+one epoch still warms up briefly and anneals within it, instead of spending its only epoch in a warm-up sized for
+``trainer.max_epochs``. At the end of the first epoch's validation the plan is checked against the measured epoch
+(it may grow or shrink once); after each later epoch it only shrinks, when the machine has slowed down. It is stored
+in checkpoints (a resumed run keeps it) and logged as ``budget/planned_epochs``."""
 
 from __future__ import annotations
 
@@ -23,6 +25,12 @@ from crackclf.training.schedulers import set_total_steps
 log = logging.getLogger(__name__)
 
 
+#: A validation batch costs a forward pass, a training step a forward and a partial backward pass: the share of a
+#: training step that a validation batch is guessed to cost, for the first plan only (the end of the first epoch
+#: re-plans from the measured validation pass).
+VALIDATION_COST_GUESS = 0.7
+
+
 class TimeBudget(pl.Callback):
     """Limit a run to ``minutes`` of wall time from the start of the process.
 
@@ -31,24 +39,36 @@ class TimeBudget(pl.Callback):
         reserve_seconds: time kept for what follows training when planning (threshold pass, test, plots, MLflow
             artifacts); three validation passes are added to it, as measured in the first epoch (re-validation,
             the unaugmented training sample of the train–val gap, test).
+        plan_at: share of the first epoch's batches after which the first plan is made, from the step time measured
+            over the later two thirds of them (the first steps carry one-off costs); 1.0 plans at the end of the
+            first epoch's validation only. An epoch of fewer than 6 batches is planned at its end.
     """
 
-    def __init__(self, minutes: float | None, reserve_seconds: float = 3.0) -> None:
+    def __init__(self, minutes: float | None, reserve_seconds: float = 3.0, plan_at: float = 1.0) -> None:
         if minutes is not None and minutes <= 0:
             raise UsageError(f"callbacks.time_budget.minutes={minutes} must be > 0 (or null to switch it off).")
         if reserve_seconds < 0:
             raise UsageError(f"callbacks.time_budget.reserve_seconds={reserve_seconds} must be >= 0.")
-        self.minutes, self.reserve_seconds = minutes, reserve_seconds
+        if not 0.0 < plan_at <= 1.0:
+            raise UsageError(f"callbacks.time_budget.plan_at={plan_at} must be in (0, 1]: the share of the first "
+                             "epoch after which the run plans (1: at its end).")
+        self.minutes, self.reserve_seconds, self.plan_at = minutes, reserve_seconds, float(plan_at)
         self.planned_epochs: int | None = None
+        self._provisional = False  # the plan stands on a guessed epoch: the first epoch's end re-plans it
+        self._max_epochs: int | None = None  # trainer.max_epochs as configured (a plan overwrites the trainer's)
         self._epoch_started = self._val_started = 0.0
         self._val_seconds = 0.0
+        self._timing_from: tuple[int, float] | None = None  # (batch index, clock) where step timing started
 
     # A plan survives a resume: the resumed run keeps the epoch count (and so the schedule) it was given.
     def state_dict(self) -> dict:
-        return {"planned_epochs": self.planned_epochs}
+        return {"planned_epochs": self.planned_epochs, "provisional": self._provisional,
+                "max_epochs": self._max_epochs}
 
     def load_state_dict(self, state_dict: dict) -> None:
         self.planned_epochs = state_dict.get("planned_epochs")
+        self._provisional = bool(state_dict.get("provisional", False))
+        self._max_epochs = state_dict.get("max_epochs")
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self.minutes is not None and self.planned_epochs is not None:
@@ -56,15 +76,45 @@ class TimeBudget(pl.Callback):
 
     def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._epoch_started = time.monotonic()
+        self._timing_from = None
+
+    def _plan_batches(self, trainer: pl.Trainer) -> tuple[int, int] | None:
+        """(first timed batch, batch after which to plan) in the first epoch, or ``None``: plan at its end."""
+        batches = trainer.num_training_batches
+        if self.plan_at >= 1.0 or not math.isfinite(batches) or batches < 6:
+            return None
+        last = min(int(batches) - 1, max(3, round(self.plan_at * batches)))
+        return last // 3, last
+
+    # DDP: every rank must agree on the plan, so rank zero's measurements are broadcast, at points every rank reaches
+    # in the same order: the end of the same training batch of the first epoch (every rank runs the same number of
+    # batches; what the progress bar shows of a step was synchronised when it was logged) and the end of each
+    # epoch's validation pass. Not at on_train_epoch_end, where rank zero's progress bar may still be reducing the
+    # epoch's metrics while the other ranks' bars are off (a collective there pairs with a different one and both
+    # ranks wait forever; crackclf/models/module.py).
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs, batch,
+                           batch_idx: int) -> None:
+        if self.minutes is None or self.planned_epochs is not None or trainer.current_epoch != 0:
+            return
+        plan = self._plan_batches(trainer)
+        if plan is None:
+            return
+        first, last = plan
+        if batch_idx == first:
+            self._timing_from = (batch_idx, time.monotonic())
+        elif batch_idx == last and self._timing_from is not None:  # None: resumed between the two, plan at the end
+            now = time.monotonic()
+            step = (now - self._timing_from[1]) / (batch_idx - self._timing_from[0])
+            batches = trainer.num_training_batches
+            validation = step * VALIDATION_COST_GUESS * sum(trainer.num_val_batches)
+            rest_of_epoch = step * (batches - batch_idx - 1) + validation
+            left = (self.minutes * 60 - (now - PROCESS_STARTED) - self.reserve_seconds - 3 * validation
+                    - rest_of_epoch)
+            self._decide(trainer, epoch_seconds=step * batches + validation, left=left, provisional=True)
 
     def on_validation_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._val_started = time.monotonic()
 
-    # DDP: every rank must agree on the plan, so rank zero's measurements are broadcast, and only here, at the end
-    # of the epoch's validation pass: a point every rank reaches in the same order, when the epoch's training and
-    # validation are both done and measured. Not at on_train_epoch_end, where rank zero's progress bar may still
-    # be reducing the epoch's metrics while the other ranks' bars are off (a collective there pairs with a
-    # different one and both ranks wait forever; crackclf/models/module.py).
     def on_validation_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if trainer.sanity_checking or trainer.state.fn != "fit":
             return
@@ -74,38 +124,51 @@ class TimeBudget(pl.Callback):
             left = self.minutes * 60 - (now - PROCESS_STARTED) - self.reserve_seconds - 3 * self._val_seconds
             self._decide(trainer, epoch_seconds=now - self._epoch_started, left=left)
 
-    def _decide(self, trainer: pl.Trainer, epoch_seconds: float, left: float) -> None:
-        """Plan (after the first epoch) or shorten the plan, from rank zero's clock; ``left``: seconds left for
-        training after the reserve and 3 validation passes.
+    def _decide(self, trainer: pl.Trainer, epoch_seconds: float, left: float, provisional: bool = False) -> None:
+        """Plan, re-plan a provisional plan, or shorten the plan, from rank zero's clock; ``left``: seconds left for
+        training after the current epoch, the reserve and 3 validation passes.
 
-        Later epochs only ever shorten the plan (a busy machine, another process on the cores): the schedule then
-        ends at the new last epoch, which still anneals, instead of stopping at a high learning rate; growing it
-        would raise the learning rate again. Every rank takes part in the broadcast, whatever its own clock says,
-        and follows rank zero."""
+        A plan made early in the first epoch (``provisional``) stands on a guessed validation cost; the first
+        epoch's end re-plans it from the measured epoch, in either direction, while the schedule is still near its
+        top. Later epochs only ever shorten the plan (a busy machine, another process on the cores): the schedule
+        then ends at the new last epoch, which still anneals, instead of stopping at a high learning rate; growing
+        it would raise the learning rate again. Every rank takes part in the broadcast, whatever its own clock
+        says, and follows rank zero."""
         done = trainer.current_epoch + 1
-        first = self.planned_epochs is None
+        first, replan = self.planned_epochs is None, self._provisional and not provisional
         fit = done + max(0, math.floor(left / epoch_seconds)) if epoch_seconds > 0 else done
-        cap = trainer.max_epochs if first else self.planned_epochs
-        planned = int(trainer.strategy.broadcast(max(done, min(cap, fit)), src=0))
         if first:
-            log.info("time budget %.2f min: an epoch takes %.1f s here, %.0f s are left -> %d epoch(s) in all "
-                     "(trainer.max_epochs=%d)", self.minutes, epoch_seconds, left, planned, trainer.max_epochs)
+            self._max_epochs = trainer.max_epochs
+        cap = self._max_epochs or trainer.max_epochs if first or replan else self.planned_epochs
+        planned = int(trainer.strategy.broadcast(max(done, min(cap, fit)), src=0))
+        when = "early in the first epoch" if provisional else "after the first epoch"
+        if first:
+            log.info("time budget %.2f min: an epoch takes %.1f s here (%s), %.0f s are left -> %d epoch(s) in "
+                     "all (trainer.max_epochs=%d)", self.minutes, epoch_seconds,
+                     "estimated " + when if provisional else "measured", left, planned, trainer.max_epochs)
+        elif replan and planned != self.planned_epochs:
+            log.info("time budget: the first epoch took %.1f s, %.0f s are left -> %d epoch(s) in all instead of the "
+                     "%d planned early in it", epoch_seconds, left, planned, self.planned_epochs)
         elif planned < self.planned_epochs:
             log.warning("time budget: %.0f s left, an epoch takes %.1f s: %d epoch(s) in all instead of %d; the "
                         "schedule now ends there", left, epoch_seconds, planned, self.planned_epochs)
         else:
+            self._provisional = self._provisional and provisional
             return
-        self._apply(trainer, planned)
+        self._provisional = provisional
+        self._apply(trainer, planned, fit_warmup=provisional)
         for logger in trainer.loggers:  # rank zero's loggers: the same value everywhere, nothing to reduce
             logger.log_metrics({"budget/planned_epochs": float(planned)}, step=trainer.global_step)
 
-    def _apply(self, trainer: pl.Trainer, epochs: int) -> None:
+    def _apply(self, trainer: pl.Trainer, epochs: int, fit_warmup: bool = False) -> None:
         """Train ``epochs`` epochs in all (Lightning stops after the current one when it is the last) and end the
-        step-wise schedule there."""
+        step-wise schedule there; with ``fit_warmup`` (the first plan, made during the warm-up) the warm-up becomes
+        its configured share of the planned steps. A resumed run restores its warm-up from the checkpoint."""
         self.planned_epochs = epochs
         trainer.fit_loop.max_epochs = epochs
         steps = epochs * trainer.num_training_batches // max(1, trainer.accumulate_grad_batches)
         for config in trainer.lr_scheduler_configs:
-            if config.interval == "step" and not set_total_steps(config.scheduler, steps):
+            taken = trainer.global_step if fit_warmup else None
+            if config.interval == "step" and not set_total_steps(config.scheduler, steps, warmup_from=taken):
                 log.warning("time budget: %s cannot be re-planned; it keeps the schedule of trainer.max_epochs",
                             type(config.scheduler).__name__)

@@ -45,11 +45,17 @@ def finalize(trainer: Any, model: Any, datamodule: Any, *, threshold_mode: str, 
     """Reload the best weights, choose the threshold on validation, test, and measure the clean train–val gap."""
     checkpoint = trainer.checkpoint_callback
     best_path = checkpoint.best_model_path if checkpoint is not None else ""
+    best_epoch = None
     if best_path:
-        model.load_state_dict(torch.load(best_path, map_location="cpu", weights_only=False)["state_dict"])
+        saved = torch.load(best_path, map_location="cpu", weights_only=False)
+        model.load_state_dict(saved["state_dict"])
+        best_epoch = saved.get("epoch")
 
-    # Threshold on validation data only, with the weights that will be deployed.
-    val_results = trainer.validate(model, datamodule=datamodule, verbose=False)[0]
+    # Threshold on validation data only, with the weights that will be deployed. When they are the last epoch's,
+    # that epoch's validation pass (outputs and synchronised metrics) already scored them: no second pass.
+    val_results = _last_validation(trainer, model, best_epoch)
+    if val_results is None:
+        val_results = trainer.validate(model, datamodule=datamodule, verbose=False)[0]
     val_probabilities, val_labels = model.validation_probabilities()
     model.decision_threshold = choose_threshold(val_probabilities.numpy(), val_labels.numpy(), threshold_mode,
                                                 target_recall)
@@ -84,6 +90,18 @@ def bundle_info(cfg: Any, model: Any, datamodule: Any, threshold: float, run_id:
         run_id=run_id, pretrained_status=model.pretrained_status, timm_kwargs=dict(cfg.backbone.get("kwargs") or {}),
         tile_size=source_tile_size(datamodule.verify_report),
     )
+
+
+def _last_validation(trainer: Any, model: Any, best_epoch: int | None) -> dict[str, float] | None:
+    """``val/acc`` and ``val/loss`` of the fit's last validation pass when it scored the best weights (the last
+    epoch was the best, and this process ran that pass: a resumed run may not have), else ``None``."""
+    last_epoch = trainer.current_epoch - 1  # after fit, current_epoch counts the epochs trained
+    metrics = trainer.callback_metrics
+    if (best_epoch is None or best_epoch != last_epoch or not model.val_outputs
+            or getattr(model, "val_outputs_epoch", None) != last_epoch
+            or "val/acc" not in metrics or "val/loss" not in metrics):
+        return None
+    return {"val/acc": float(metrics["val/acc"]), "val/loss": float(metrics["val/loss"])}
 
 
 def _confusion(model: Any, datamodule: Any, loader: Any, trainer: Any, threshold: float) -> np.ndarray:

@@ -16,8 +16,10 @@ class WarmupCosineFactor:
     TimeBudget` may change ``total_steps`` once it knows how many epochs fit the time budget.
     """
 
-    def __init__(self, total_steps: int, warmup_steps: int, min_lr_ratio: float) -> None:
+    def __init__(self, total_steps: int, warmup_steps: int, min_lr_ratio: float,
+                 warmup_fraction: float | None = None) -> None:
         self.total_steps, self.warmup_steps, self.min_lr_ratio = int(total_steps), int(warmup_steps), min_lr_ratio
+        self.warmup_fraction = warmup_fraction  # kept so that a re-planned run can fit its warm-up to the new length
 
     def __call__(self, step: int) -> float:
         if step < self.warmup_steps:
@@ -31,16 +33,22 @@ def warmup_cosine(
 ) -> LambdaLR:
     """Linear warm-up over ``warmup_fraction`` of the steps, then cosine decay to ``min_lr_ratio`` × lr."""
     warmup = max(1, int(total_steps * warmup_fraction))
-    return LambdaLR(optimizer, WarmupCosineFactor(total_steps, warmup, min_lr_ratio))
+    return LambdaLR(optimizer, WarmupCosineFactor(total_steps, warmup, min_lr_ratio, warmup_fraction))
 
 
-def set_total_steps(scheduler: object, total_steps: int) -> bool:
-    """Make a :func:`warmup_cosine` schedule end (reach its lowest rate) at ``total_steps``; the warm-up is kept.
+def set_total_steps(scheduler: object, total_steps: int, warmup_from: int | None = None) -> bool:
+    """Make a :func:`warmup_cosine` schedule end (reach its lowest rate) at ``total_steps``.
 
+    The warm-up is kept, unless ``warmup_from`` gives the steps already taken: then it becomes ``warmup_fraction``
+    of the new total, never shorter than the steps taken (the rate never jumps) nor longer than it was.
     Returns ``False`` for a scheduler that cannot be re-planned in flight (it then runs as it was planned).
     """
     factors = [f for f in getattr(scheduler, "lr_lambdas", []) if isinstance(f, WarmupCosineFactor)]
     for factor in factors:
+        fraction = getattr(factor, "warmup_fraction", None)  # None in checkpoints written before it was kept
+        if warmup_from is not None and fraction is not None:
+            wanted = max(int(warmup_from) + 1, int(total_steps * fraction), 1)
+            factor.warmup_steps = min(factor.warmup_steps, wanted)
         factor.total_steps = max(int(total_steps), factor.warmup_steps + 1)
     return bool(factors)
 
