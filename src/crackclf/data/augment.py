@@ -31,6 +31,13 @@ class BatchAugment(nn.Module):
         brightness, contrast, saturation: jitter strengths (factor drawn in [1 - s, 1 + s]); ``hue`` shifts the
             colour channels' balance by up to this fraction; ``jitter_p`` is the probability of jittering a sample.
         crop_scale: smallest area fraction of a random resized crop (1.0 disables); ``crop_p`` its probability.
+        zoom_out_p, zoom_out_scale: probability of showing the sample smaller, and the smallest side fraction it is
+            shrunk to (the rest of the frame is the surface mirrored at the edges): a crack thinner and shorter than
+            any in the data set, as a farther or lower-resolution camera sees it.
+        gamma_p, gamma: probability of a gamma curve ``x ** g`` with ``log g`` drawn in [-gamma, gamma] (another
+            camera's tone curve: mid-tones move, black and white stay).
+        sharpen_p, sharpen_amount: probability and largest amount of an unsharp mask (a camera's in-built sharpening:
+            crack edges gain halos).
         blur_p, blur_sigma: probability and largest sigma (pixels) of a Gaussian blur.
         noise_p, noise_std: probability and standard deviation of additive Gaussian noise.
         grayscale_p: probability of dropping colour.
@@ -53,26 +60,41 @@ class BatchAugment(nn.Module):
         noise_p: float = 0.0,
         noise_std: float = 0.03,
         grayscale_p: float = 0.0,
+        zoom_out_p: float = 0.0,
+        zoom_out_scale: float = 1.0,
+        gamma_p: float = 0.0,
+        gamma: float = 0.0,
+        sharpen_p: float = 0.0,
+        sharpen_amount: float = 1.0,
     ) -> None:
         super().__init__()
         for name, value in (("hflip", hflip), ("vflip", vflip), ("rot90", rot90), ("jitter_p", jitter_p),
-                            ("crop_p", crop_p), ("blur_p", blur_p), ("noise_p", noise_p), ("grayscale_p", grayscale_p)):
+                            ("crop_p", crop_p), ("blur_p", blur_p), ("noise_p", noise_p), ("grayscale_p", grayscale_p),
+                            ("zoom_out_p", zoom_out_p), ("gamma_p", gamma_p), ("sharpen_p", sharpen_p)):
             if not 0.0 <= value <= 1.0:
                 raise UsageError(f"augmentation.{name}={value} must be a probability in [0, 1]")
         if not 0.0 < crop_scale <= 1.0:
             raise UsageError(f"augmentation.crop_scale={crop_scale} must be in (0, 1]")
+        if not 0.5 < zoom_out_scale <= 1.0:  # the mirrored margin must stay narrower than the image itself
+            raise UsageError(f"augmentation.zoom_out_scale={zoom_out_scale} must be in (0.5, 1] (1 disables it)")
+        if gamma < 0 or sharpen_amount < 0:
+            raise UsageError(f"augmentation.gamma={gamma} and augmentation.sharpen_amount={sharpen_amount} must be "
+                             ">= 0")
         self.hflip, self.vflip, self.rot90 = hflip, vflip, rot90
         self.brightness, self.contrast, self.saturation, self.hue = brightness, contrast, saturation, hue
         self.jitter_p, self.crop_scale, self.crop_p = jitter_p, crop_scale, crop_p
         self.blur_p, self.blur_sigma, self.noise_p, self.noise_std = blur_p, blur_sigma, noise_p, noise_std
         self.grayscale_p = grayscale_p
+        self.zoom_out_p, self.zoom_out_scale = zoom_out_p, zoom_out_scale
+        self.gamma_p, self.gamma, self.sharpen_p, self.sharpen_amount = gamma_p, gamma, sharpen_p, sharpen_amount
         self._noise_bank: torch.Tensor | None = None  # see _noise
         self._noise_uses = 0
 
     @property
     def active(self) -> bool:
         return any((self.hflip, self.vflip, self.rot90, self.jitter_p, self.crop_p and self.crop_scale < 1.0,
-                    self.blur_p, self.noise_p, self.grayscale_p))
+                    self.blur_p, self.noise_p, self.grayscale_p, self.zoom_out_p and self.zoom_out_scale < 1.0,
+                    self.gamma_p and self.gamma, self.sharpen_p and self.sharpen_amount))
 
     @torch.no_grad()
     def forward(self, images: torch.Tensor) -> torch.Tensor:
@@ -88,12 +110,18 @@ class BatchAugment(nn.Module):
         images = images.float().div_(255.0) if images.dtype == torch.uint8 else images
         if self.crop_p > 0 and self.crop_scale < 1.0:
             self._resized_crop(images)
+        if self.zoom_out_p > 0 and self.zoom_out_scale < 1.0:
+            self._zoom_out(images)
         if self.jitter_p > 0:
             self._jitter(images)
+        if self.gamma_p > 0 and self.gamma > 0:
+            self._gamma(images)
         if self.grayscale_p > 0:
             self._apply(images, self.grayscale_p, lambda x: x.mean(dim=1, keepdim=True).expand_as(x))
         if self.blur_p > 0:
             self._blur(images)
+        if self.sharpen_p > 0 and self.sharpen_amount > 0:
+            self._sharpen(images)
         if self.noise_p > 0:
             self._apply(images, self.noise_p, lambda x: (x + self._noise(x) * self.noise_std).clamp_(0.0, 1.0))
         return images
@@ -207,17 +235,61 @@ class BatchAugment(nn.Module):
         images.index_copy_(0, chosen, mapped.clamp_(0.0, 1.0))
 
     def _blur(self, images: torch.Tensor) -> None:
-        """Gaussian blur of the chosen samples as shifted sums (a separable kernel of a few taps), which measured
-        several times faster on CPU than a depthwise convolution on these small batches."""
         chosen = self._subset(images, self.blur_p)
         if chosen.numel() == 0:
             return
         sigma = float(torch.empty(1).uniform_(0.3, self.blur_sigma))
-        radius = max(1, int(math.ceil(2 * sigma)))
-        weights = [math.exp(-(offset**2) / (2 * sigma**2)) for offset in range(-radius, radius + 1)]
-        weights = [weight / sum(weights) for weight in weights]
-        height, width = images.shape[-2:]
-        padded = F.pad(images.index_select(0, chosen), (radius, radius, radius, radius), mode="reflect")
-        rows = sum(weight * padded[..., tap:tap + height, :] for tap, weight in enumerate(weights))
-        blurred = sum(weight * rows[..., tap:tap + width] for tap, weight in enumerate(weights))
-        images.index_copy_(0, chosen, blurred)
+        images.index_copy_(0, chosen, _gaussian_blur(images.index_select(0, chosen), sigma))
+
+    def _sharpen(self, images: torch.Tensor) -> None:
+        """Unsharp mask: the sample plus a per-sample share of its difference from a slightly blurred copy."""
+        chosen = self._subset(images, self.sharpen_p)
+        if chosen.numel() == 0:
+            return
+        selected = images.index_select(0, chosen)
+        amount = torch.empty(chosen.numel(), 1, 1, 1, device=images.device, dtype=images.dtype)
+        amount.uniform_(0.0, self.sharpen_amount)
+        detail = selected - _gaussian_blur(selected, 1.0)
+        images.index_copy_(0, chosen, selected.addcmul_(detail, amount).clamp_(0.0, 1.0))
+
+    def _gamma(self, images: torch.Tensor) -> None:
+        chosen = self._subset(images, self.gamma_p)
+        if chosen.numel() == 0:
+            return
+        exponent = torch.empty(chosen.numel(), 1, 1, 1, device=images.device, dtype=images.dtype)
+        exponent.uniform_(-self.gamma, self.gamma).exp_()
+        images.index_copy_(0, chosen, images.index_select(0, chosen).clamp_(min=1e-6).pow_(exponent))
+
+    def _zoom_out(self, images: torch.Tensor) -> None:
+        """Shrink the chosen samples to a side fraction in [``zoom_out_scale``, 1] at a random place in the frame,
+        the margin filled with the surface mirrored at the edges: one ``roi_align`` over a reflect-padded batch,
+        whose boxes (one per sample) are larger than the image."""
+        chosen = self._subset(images, self.zoom_out_p)
+        if chosen.numel() == 0:
+            return
+        count, (_, _, height, width) = chosen.numel(), images.shape
+        device = images.device
+        pad_y = int(math.ceil(height * (1 / self.zoom_out_scale - 1)))
+        pad_x = int(math.ceil(width * (1 / self.zoom_out_scale - 1)))
+        padded = F.pad(images.index_select(0, chosen), (pad_x, pad_x, pad_y, pad_y), mode="reflect")
+        scale = torch.empty(count, device=device).uniform_(self.zoom_out_scale, 1.0)
+        box_w, box_h = width / scale, height / scale  # the box the whole frame shows, in original pixels
+        x0 = pad_x - torch.rand(count, device=device) * (box_w - width)
+        y0 = pad_y - torch.rand(count, device=device) * (box_h - height)
+        boxes = torch.stack([torch.arange(count, device=device, dtype=images.dtype), x0, y0, x0 + box_w,
+                             y0 + box_h], dim=1)
+        # sampling_ratio 0: as many samples per output pixel as the box is larger (an average, no aliasing)
+        shrunk = roi_align(padded, boxes, (height, width), spatial_scale=1.0, sampling_ratio=0, aligned=True)
+        images.index_copy_(0, chosen, shrunk)
+
+
+def _gaussian_blur(images: torch.Tensor, sigma: float) -> torch.Tensor:
+    """Gaussian blur as shifted sums (a separable kernel of a few taps), which measured several times faster on
+    CPU than a depthwise convolution on these small batches."""
+    radius = max(1, int(math.ceil(2 * sigma)))
+    weights = [math.exp(-(offset**2) / (2 * sigma**2)) for offset in range(-radius, radius + 1)]
+    weights = [weight / sum(weights) for weight in weights]
+    height, width = images.shape[-2:]
+    padded = F.pad(images, (radius, radius, radius, radius), mode="reflect")
+    rows = sum(weight * padded[..., tap:tap + height, :] for tap, weight in enumerate(weights))
+    return sum(weight * rows[..., tap:tap + width] for tap, weight in enumerate(weights))
