@@ -34,6 +34,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     from crackclf.experiments.sweep import job_info, parent_run_id
     from crackclf.training.checkpointing import AtomicCheckpointIO
     from crackclf.training.finalize import bundle_info, finalize
+    from crackclf.training.init_from import score_start
     from crackclf.training.lifecycle import TrainingRun
     from crackclf.training.resume import find_resume_point
     from crackclf.utils import describe_device, keep_freed_memory
@@ -60,6 +61,8 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         trainer = instantiate(cfg.trainer, callbacks=[*callbacks, training_run.checkpoints],
                               logger=training_run.loggers or False, plugins=[AtomicCheckpointIO()])
         training_run.set_tags({"device": describe_device(trainer.strategy.root_device)})
+        if started_from:  # what the start model scores here before training: the adaptation's "before"
+            training_run.log_metrics(score_start(trainer, model, datamodule))
         trainer.fit(model, datamodule=datamodule, ckpt_path=resume_point.checkpoint if resume_point else None,
                     weights_only=False)  # our own checkpoint: it also holds RNG states and the metric journal
         report = finalize(trainer, model, datamodule, threshold_mode=cfg.threshold.mode,

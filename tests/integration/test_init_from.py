@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 from mlflow.tracking import MlflowClient
 
@@ -36,6 +37,14 @@ def test_a_run_starts_from_an_earlier_models_weights(tiny_dataset, tmp_path, mlf
     assert all(torch.allclose(before[k], after[k], atol=1e-6) for k in before)
     runs = _runs(mlflow_uri)
     assert len(runs) == 2 and runs[1].data.tags["init_from"] == str(start) and "init_from" not in runs[0].data.tags
+    # Before training, the second run scored its start model on the same test split at the model's own threshold:
+    # the first run's own test scores, exactly; the trained model's test/* metrics are logged apart.
+    first_metrics, second_metrics = runs[0].data.metrics, runs[1].data.metrics
+    assert "before/test/acc" not in first_metrics
+    for key in ("acc", "f1", "auroc"):
+        assert second_metrics[f"before/test/{key}"] == pytest.approx(first_metrics[f"test/{key}"], abs=1e-6), key
+    client = MlflowClient(mlflow_uri)
+    assert len(client.get_metric_history(runs[1].info.run_id, "test/acc")) == 1  # the trained model's only
 
     # Without init_from a run starts elsewhere (a fresh random init): the check above can fail.
     third = run_train(f"data.root={tiny_dataset}", *TINY, "optimizer.lr=1e-12", "seed=7",

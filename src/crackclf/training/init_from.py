@@ -9,7 +9,7 @@ from typing import Any
 from crackclf.bundle import BundleError, load_model
 from crackclf.errors import UsageError
 
-__all__ = ["initialise_from"]
+__all__ = ["initialise_from", "score_start"]
 
 log = logging.getLogger(__name__)
 
@@ -39,6 +39,22 @@ def initialise_from(model: Any, source: str, backbone: str, timm_kwargs: dict[st
     except RuntimeError as error:
         raise UsageError(f"init_from={source!r}: its weights do not fit this run's network "
                          f"({str(error).splitlines()[0][:200]}).") from None
+    model.decision_threshold = info.threshold  # what the start model decides with, until this run chooses its own
     log.info("starting from %s (%s, trained at %d px, threshold %.3f)", loaded.model_id, info.backbone,
              info.image_size, info.threshold)
     return loaded.model_id
+
+
+def score_start(trainer: Any, model: Any, datamodule: Any) -> dict[str, float]:
+    """The test scores of the weights a run starts from, before any training, at the start model's threshold:
+    ``before/test/acc``, … (empty without a test split). The run's loggers are detached meanwhile, so that the
+    ``test/*`` metrics hold the trained model's scores only; the caller logs these under ``before/``."""
+    if not datamodule.rows_of("test"):
+        return {}
+    loggers = trainer.loggers
+    trainer.loggers = []
+    try:
+        results = trainer.test(model, datamodule=datamodule, verbose=False)[0]
+    finally:
+        trainer.loggers = loggers
+    return {f"before/{key}": float(value) for key, value in results.items()}

@@ -128,6 +128,11 @@ class TrainingRun:
         if self.run_id:
             tracking.set_tags(self.run_id, tags)
 
+    def log_metrics(self, metrics: Mapping[str, float]) -> None:
+        """Log run-level metrics (rank zero's MLflow run; nothing without one)."""
+        if self.run_id and metrics:
+            tracking.log_metrics(self.run_id, dict(metrics))
+
     def log_report(self, report: FinalReport, history: list[dict[str, float]], info: BundleInfo, network: Any
                    ) -> None:
         """The finished run's metrics, tags, curves, test confusion matrix, best checkpoint and, with
