@@ -14,6 +14,8 @@ import tarfile
 import threading
 import zipfile
 import zlib
+from collections.abc import Iterator
+from contextlib import contextmanager
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
@@ -114,12 +116,17 @@ def tar_tree(root: Path, prefix: str = "") -> bytes:
     return buffer.getvalue()
 
 
-def closed_port_url() -> str:
-    """A 127.0.0.1 URL nothing listens on (connection refused, like an unreachable host)."""
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    return f"http://127.0.0.1:{port}/file_downloaded"
+@contextmanager
+def closed_port_url() -> Iterator[str]:
+    """``with closed_port_url() as url``: a 127.0.0.1 URL that refuses connections (like an unreachable host) for
+    the whole ``with`` block.
+
+    The port is held by a socket that is bound but never listens: the kernel answers a connection to it with a
+    reset, and no other process can take the port while the test runs (a port probed and released could be).
+    """
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as holder:
+        holder.bind(("127.0.0.1", 0))
+        yield f"http://127.0.0.1:{holder.getsockname()[1]}/file_downloaded"
 
 
 def _rar_block(kind: int, flags: int, body: bytes, data: bytes = b"") -> bytes:

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import hydra
+from hydra.errors import InstantiationException
 from omegaconf import DictConfig
 
 from crackclf.config import ConfigError, validate
@@ -114,8 +115,11 @@ def hydra_main(cfg: DictConfig) -> float | None:
 
         if in_multirun():  # one bad job must not stop a sweep: record it FAILED in MLflow, let the others run
             return job_failed(cfg, error)
-        if isinstance(error, CrackclfError):  # bad input or environment: one paragraph; a bug keeps its traceback
-            _friendly_exit(error)
+        cause = error  # hydra.utils.instantiate wraps what a constructor raises (e.g. a BackboneError) in its own
+        while isinstance(cause, InstantiationException) and cause.__cause__ is not None:
+            cause = cause.__cause__
+        if isinstance(cause, CrackclfError):  # bad input or environment: one paragraph; a bug keeps its traceback
+            _friendly_exit(cause)
         raise
     metric = results.get(cfg.get("optimized_metric") or "", None)
     return float(metric) if metric is not None else None

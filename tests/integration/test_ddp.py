@@ -59,8 +59,6 @@ def test_two_process_cpu_ddp_logs_one_run_with_metrics_synced_over_ranks(uneven_
     assert run.data.metrics["train/images_per_s"] > 0
     # The final gap: the unaugmented training sample, counted over both ranks' shares of it, against validation.
     assert 0.5 <= run.data.metrics["train/clean_acc"] <= 1.0  # 8 images (as many as validation holds)
-    assert run.data.metrics["train_val_gap"] == pytest.approx(
-        run.data.metrics["train/clean_acc"] - run.data.metrics["val/acc"], abs=1e-6)
     assert "plots/confusion_test.png" in {a.path for a in client.list_artifacts(run.info.run_id, "plots")}
 
     # Recompute the validation metrics in ONE process over the WHOLE validation split with the logged model.
@@ -80,6 +78,20 @@ def test_two_process_cpu_ddp_logs_one_run_with_metrics_synced_over_ranks(uneven_
     # rows r, r+2, ...), which differs here, so the check can tell the two apart.
     assert abs(losses[0::2].mean() - losses.mean()) > 1e-3
     assert run.data.metrics["val/loss"] == pytest.approx(losses.mean(), abs=1e-4)
+    # The train-val gap, checked against what this process measures itself rather than by train.py's subtraction:
+    # validation accuracy at 0.5 over the whole split, and the clean training sample (as many rows as validation,
+    # both ranks' shares counted) scored by the same logged model; one rank's count alone would be out of eighths.
+    val_acc = float(np.mean((probabilities >= 0.5) == labels))
+    assert run.data.metrics["val/acc"] == pytest.approx(val_acc, abs=1e-6)
+    train = [row for row in read_split(split_csv) if row.split == "train"]
+    train_hits = np.array([(p.probability >= 0.5) == row.label for p, row in zip(
+        predictor.predict_sources([str(uneven_dataset / row.path) for row in train]), train, strict=True)])
+    clean_acc, gap = run.data.metrics["train/clean_acc"], run.data.metrics["train_val_gap"]
+    sampled_hits = clean_acc * len(val)
+    assert sampled_hits == pytest.approx(round(sampled_hits), abs=1e-6)  # a count out of len(val) images
+    assert len(val) - (~train_hits).sum() <= round(sampled_hits) <= train_hits.sum()  # within what the split allows
+    assert gap == pytest.approx(clean_acc - val_acc, abs=1e-6)
+    assert run.data.tags["overfitting"] == str(gap > float(run.data.params["model.max_gap"])).lower()
     # The threshold is chosen on probabilities gathered from both ranks.
     expected_threshold = choose_threshold(probabilities, labels, run.data.params["threshold.mode"],
                                           float(run.data.params["threshold.target_recall"]))

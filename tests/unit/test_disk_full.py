@@ -106,8 +106,8 @@ def test_a_part_file_is_never_used_as_a_complete_download(tmp_path, images):
     dest.mkdir()
     part = dest / "concrete_crack.archive.part"
     part.write_bytes(archive)  # every byte is there, but nobody confirmed that it is the whole file
-    with pytest.raises(DownloadError, match="cannot download"):
-        ensure_dataset(dest, closed_port_url(), retries=0, progress=False)
+    with closed_port_url() as url, pytest.raises(DownloadError, match="cannot download"):
+        ensure_dataset(dest, url, retries=0, progress=False)
     assert part.read_bytes() == archive and not (dest / "concrete_crack").exists()
     assert not (dest / "concrete_crack.archive").exists()
 

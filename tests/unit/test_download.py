@@ -89,8 +89,8 @@ def test_nested_tar_archive_and_kept_archive(tmp_path, source_tree):
 
 
 def test_offline_names_data_root(tmp_path):
-    with pytest.raises(DownloadError) as error:
-        ensure_dataset(tmp_path / "data", closed_port_url(), progress=False)
+    with closed_port_url() as url, pytest.raises(DownloadError) as error:
+        ensure_dataset(tmp_path / "data", url, progress=False)
     message = str(error.value)
     assert "data.root=" in message and "offline" in message and "127.0.0.1" in message
 
