@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import os
 import signal
 import subprocess
@@ -114,21 +115,24 @@ def run_cli(*args: str, cwd: Path | None = None, timeout: float = 600, env: dict
 
 
 def tiny_fit(dataset: Path, root: Path, callbacks: list, epochs: int, *, image_size: int = 32, batch_size: int = 16,
-             lr: float = 1e-2, scheduler=None, ckpt_path: str | None = None):
-    """Fit lcnet_050 from scratch on ``dataset`` in this process (CPU, no logger, no checkpoints unless a callback
-    writes them, e.g. a ``ModelCheckpoint``): the small real training run behind the callback tests. Returns
+             lr: float = 1e-2, scheduler=None, ckpt_path: str | None = None, backbone=None):
+    """Fit lcnet_050 from scratch (or the ``backbone`` factory given) on ``dataset`` in this process (CPU, no logger,
+    no checkpoints unless a callback writes them, e.g. a ``ModelCheckpoint``): the small real training run behind the
+    callback tests. Returns
     ``(datamodule, trainer)``."""
     import pytorch_lightning as pl
     import torch
 
     from crackclf.data.datamodule import CrackDataModule
+    from crackclf.models.backbone import create_backbone
     from crackclf.models.module import CrackClassifier
 
     data = CrackDataModule(str(dataset), image_size=image_size, batch_size=batch_size, cache_dir=str(root / "c"),
                            progress=False, min_per_class=1)
-    model = CrackClassifier({"name": "lcnet_050", "pretrained": False}, label_smoothing=0.05,
+    model = CrackClassifier(backbone or functools.partial(create_backbone, "lcnet_050", pretrained=False),
                             optimizer=lambda params: torch.optim.AdamW(params, lr=lr), scheduler=scheduler,
-                            image_size=image_size)
+                            image_size=image_size, class_names=("no_crack", "crack"), label_smoothing=0.05,
+                            max_gap=0.003, channels_last=False)
     checkpointing = any(isinstance(callback, pl.callbacks.ModelCheckpoint) for callback in callbacks)
     trainer = pl.Trainer(max_epochs=epochs, accelerator="cpu", logger=False, enable_checkpointing=checkpointing,
                          enable_progress_bar=False, num_sanity_val_steps=0, callbacks=callbacks,

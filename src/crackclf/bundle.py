@@ -23,7 +23,7 @@ import timm
 import torch
 from torch import nn
 
-from crackclf.errors import CrackclfError
+from crackclf.errors import CrackclfError, short_error
 from crackclf.models.backbone import CrackNet
 from crackclf.utils import atomic_write
 
@@ -98,7 +98,7 @@ def load_checkpoint(path: str | Path) -> tuple[CrackNet, BundleInfo]:
         checkpoint = torch.load(path, map_location="cpu", weights_only=False)
     except Exception as error:  # noqa: BLE001
         raise BundleError(
-            f"model {str(path)!r} is not a readable checkpoint ({type(error).__name__}: {error})"
+            f"model {str(path)!r} is not a readable checkpoint ({short_error(error)})"
         ) from None
     if not isinstance(checkpoint, dict) or BUNDLE_KEY not in checkpoint:
         raise BundleError(
@@ -154,7 +154,7 @@ def _load_run(uri: str) -> LoadedModel:
         except Exception as error:  # noqa: BLE001 - MLflow raises several types for a missing run/artifact
             raise BundleError(
                 f"model {uri!r}: cannot download artifact {artifact!r} of run {run_id} from {tracking.tracking_uri()} "
-                f"({type(error).__name__}: {str(error).splitlines()[0][:200]}). Check the run id and that "
+                f"({short_error(error)}). Check the run id and that "
                 "MLFLOW_TRACKING_URI points at the store the model was trained with."
             ) from None
         loaded = load_onnx(local) if local.suffix.lower() == ".onnx" else load_model(local)
@@ -169,8 +169,8 @@ def _load_registered(uri: str) -> LoadedModel:
         network, metadata = tracking.load_pytorch_model(uri)
     except Exception as error:  # noqa: BLE001
         raise BundleError(
-            f"model {uri!r}: cannot load it from the registry at {tracking.tracking_uri()} ({type(error).__name__}: "
-            f"{str(error).splitlines()[0][:200]}). Give models:/<name>/<version> of a model registered by training "
+            f"model {uri!r}: cannot load it from the registry at {tracking.tracking_uri()} ({short_error(error)}). "
+            "Give models:/<name>/<version> of a model registered by training "
             "with register=true."
         ) from None
     if BUNDLE_KEY not in (metadata or {}):
@@ -253,8 +253,7 @@ def load_onnx(path: str | os.PathLike) -> LoadedModel:
         proto = onnx.load_from_string(data)
         onnx.checker.check_model(proto)
     except Exception as error:  # noqa: BLE001
-        raise BundleError(f"model {str(path)!r} is not a readable ONNX model ({type(error).__name__}: "
-                          f"{str(error).splitlines()[0][:200]})") from None
+        raise BundleError(f"model {str(path)!r} is not a readable ONNX model ({short_error(error)})") from None
     metadata = {prop.key: prop.value for prop in proto.metadata_props}
     if BUNDLE_KEY not in metadata:
         raise BundleError(f"model {str(path)!r} has no crackclf entry in its ONNX metadata; export it with "

@@ -41,16 +41,21 @@ def cpu_data_parallel_devices(max_ranks: int = 2) -> int:
     return max(1, min(int(max_ranks), worker_count()))
 
 
+#: The project's OmegaConf resolvers, by the name the YAML uses: ``${tracking_uri:}`` (conf/logger/mlflow.yaml) and
+#: ``${cpu_ranks:N}`` (conf/trainer/cpu_ddp.yaml).
+RESOLVERS = {"tracking_uri": _tracking_uri, "cpu_ranks": cpu_data_parallel_devices}
+
+
 def register_resolvers() -> None:
-    """``${tracking_uri:}`` in YAML resolves to the MLflow store (see :mod:`crackclf.tracking.mlflow`);
-    ``${cpu_ranks:N}`` to :func:`cpu_data_parallel_devices`."""
-    if not OmegaConf.has_resolver("tracking_uri"):
-        OmegaConf.register_new_resolver("tracking_uri", _tracking_uri)
-    if not OmegaConf.has_resolver("cpu_ranks"):
-        OmegaConf.register_new_resolver("cpu_ranks", cpu_data_parallel_devices)
+    """Register the project's resolvers: ``${tracking_uri:}`` resolves to the MLflow store (see
+    :mod:`crackclf.tracking.mlflow`), ``${cpu_ranks:N}`` to :func:`cpu_data_parallel_devices`.
 
-
-register_resolvers()
+    Called by whatever composes the training config: the training entry (``crackclf.train.hydra_main``),
+    :func:`compose_config`, the tests' compose helpers. Importing this module registers nothing (no import side
+    effect); calling this again is harmless."""
+    for name, resolver in RESOLVERS.items():
+        if not OmegaConf.has_resolver(name):
+            OmegaConf.register_new_resolver(name, resolver)
 
 
 def _require(condition: bool, message: str) -> None:
@@ -157,6 +162,7 @@ def compose_config(overrides: list[str] | tuple[str, ...] = (), return_hydra_con
 
     from crackclf.utils import config_dir
 
+    register_resolvers()
     with initialize_config_dir(config_dir=str(config_dir()), version_base="1.3"):
         return compose("train", overrides=list(overrides), return_hydra_config=return_hydra_config)
 

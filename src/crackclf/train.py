@@ -15,7 +15,7 @@ import hydra
 from hydra.errors import InstantiationException
 from omegaconf import DictConfig
 
-from crackclf.config import ConfigError, validate
+from crackclf.config import ConfigError, register_resolvers, validate
 from crackclf.errors import CrackclfError
 from crackclf.utils import config_dir
 
@@ -108,6 +108,7 @@ def _friendly_exit(error: BaseException) -> None:
 @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="train")
 def hydra_main(cfg: DictConfig) -> float | None:
     """Hydra task: returns the optimised metric for sweepers."""
+    register_resolvers()  # here, in the task: a launcher may run it in a process that never ran main()
     try:
         results = run(cfg)
     except Exception as error:
@@ -149,6 +150,7 @@ def check_command_line(argv: list[str]) -> None:
 def main() -> None:
     """Console-script entry (``crackclf-train``) and ``python train.py``."""
     check_command_line(sys.argv[1:])
+    register_resolvers()  # before Hydra: `--cfg job --resolve` resolves the config before any task runs
     hydra_main()
 
 

@@ -38,9 +38,11 @@ def train_in_process(data: Path, root: Path, *overrides: str) -> None:
     from hydra import compose, initialize_config_dir
     from hydra.core.global_hydra import GlobalHydra
 
+    from crackclf.config import register_resolvers
     from crackclf.train import run
 
     GlobalHydra.instance().clear()
+    register_resolvers()  # explicitly: importing crackclf.config registers nothing
     with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
         cfg = compose("train", overrides=[
             f"data.root={data}", "data.progress=false", "callbacks.progress_bar=null",

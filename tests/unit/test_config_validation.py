@@ -10,7 +10,7 @@ import time
 import pytest
 from hydra import compose, initialize_config_dir
 
-from crackclf.config import ConfigError, check_overrides, validate
+from crackclf.config import ConfigError, check_overrides, register_resolvers, validate
 from tests.conftest import REPO
 
 CONF = REPO / "conf"
@@ -49,6 +49,7 @@ def test_valid_overrides_pass(overrides):
 
 
 def compose_cfg(*overrides: str):
+    register_resolvers()  # explicitly: importing crackclf.config registers nothing
     with initialize_config_dir(str(CONF), version_base="1.3"):
         return compose(config_name="train", overrides=list(overrides))
 

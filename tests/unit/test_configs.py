@@ -11,8 +11,7 @@ from hydra.core.global_hydra import GlobalHydra
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
-import crackclf.config  # noqa: F401 - registers the ${tracking_uri:} resolver
-from crackclf.config import ConfigError, validate
+from crackclf.config import ConfigError, register_resolvers, validate
 
 CONF = Path(__file__).resolve().parents[2] / "conf"
 OBJECT_GROUPS = ("data", "backbone", "augmentation", "optimizer", "scheduler", "trainer", "callbacks", "logger")
@@ -24,6 +23,7 @@ def choices(group: str) -> list[str]:
 
 def compose_train(overrides: list[str]):
     GlobalHydra.instance().clear()
+    register_resolvers()  # explicitly: importing crackclf.config registers nothing
     with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
         return compose("train", overrides=overrides, return_hydra_config=True)
 

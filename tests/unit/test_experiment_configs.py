@@ -11,8 +11,7 @@ from hydra.core.global_hydra import GlobalHydra
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
-import crackclf.config  # noqa: F401 - registers the ${tracking_uri:} resolver
-from crackclf.config import validate
+from crackclf.config import register_resolvers, validate
 from crackclf.experiments.sweep import JobResult, best_job, direction_of, format_summary, override_params, varying_keys
 
 CONF = Path(__file__).resolve().parents[2] / "conf"
@@ -20,6 +19,7 @@ CONF = Path(__file__).resolve().parents[2] / "conf"
 
 def compose_train(overrides: list[str], tmp_path: Path):
     GlobalHydra.instance().clear()
+    register_resolvers()  # explicitly: importing crackclf.config registers nothing
     with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
         cfg = compose("train", overrides=overrides, return_hydra_config=True)
     cfg.paths.output_dir = str(tmp_path / "out")  # hydra-runtime interpolations only exist inside a real run

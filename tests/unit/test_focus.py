@@ -41,7 +41,8 @@ def test_the_same_seed_draws_the_same_order():
 
 @pytest.mark.parametrize(("settings", "message"), [
     ({"weight": 1.0}, r"weight=1.0 must be in \[0, 1\)"), ({"weight": -0.1}, r"\[0, 1\)"),
-    ({"start": 0}, "start=0 must be >= 1"), ({"uniform_last": -1}, "uniform_last=-1 must be >= 0"),
+    ({"weight": 0.5, "start": 0}, "start=0 must be >= 1"),
+    ({"weight": 0.5, "uniform_last": -1}, "uniform_last=-1 must be >= 0"),
 ])
 def test_bad_settings_are_named(settings, message):
     with pytest.raises(ValueError, match=message):

@@ -31,3 +31,11 @@ def test_cli_lets_a_bug_show_its_traceback(monkeypatch):
     monkeypatch.setattr(parser, "parse_args", parse_args)
     with pytest.raises(IndexError):
         cli.main(["serve", "--model", "m.ckpt"])
+
+
+def test_short_error_quotes_the_type_and_the_first_line_only():
+    from crackclf.errors import short_error
+
+    assert short_error(ValueError("bad header\n  at byte 12\n  ...")) == "ValueError: bad header"
+    assert short_error(OSError("x" * 500), limit=10) == "OSError: " + "x" * 10
+    assert short_error(KeyError()) == "KeyError"  # an empty message would have raised IndexError before

@@ -11,7 +11,7 @@ PACKAGE = Path(__file__).resolve().parents[2] / "src" / "crackclf"
 #: Lowest first. A module of one layer may import from any layer below it; siblings in one layer stay independent.
 LAYERS: list[set[str]] = [
     {"__init__", "errors"},
-    {"utils"},
+    {"utils", "distributed"},
     {"tracking"},
     {"data", "metrics", "plots"},
     {"models"},  # the network and the LightningModule, scored by metrics

@@ -94,7 +94,10 @@ def test_frozen_early_stages_keep_their_weights_and_imagenet_statistics(tmp_path
     from hydra.core.global_hydra import GlobalHydra
     from hydra.utils import instantiate
 
+    from crackclf.config import register_resolvers
+
     GlobalHydra.instance().clear()
+    register_resolvers()  # explicitly: importing crackclf.config registers nothing
     with initialize_config_dir(config_dir=str(Path(__file__).resolve().parents[2] / "conf"), version_base="1.3"):
         cfg = compose("train", overrides=["experiment=cpu_fast", f"paths.root_dir={tmp_path}"])
     model = instantiate(cfg.model)

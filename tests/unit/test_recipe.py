@@ -6,7 +6,7 @@ from __future__ import annotations
 from omegaconf import OmegaConf
 
 from crackclf.config import cpu_data_parallel_devices
-from tests.unit.test_configs import compose_train
+from tests.unit.test_configs import CONF, compose_train
 
 # What the recipe adds to the defaults, and nothing else: data-parallel CPU processes (with the per-process batch that
 # keeps 128 images a step on 2 cores) and a wall-time budget, with max_epochs as the budget's cap.
@@ -34,6 +34,23 @@ def test_defaults_are_the_cpu_fast_recipe_but_for_processes_and_time_budget():
     assert differing == RECIPE_ONLY
     assert default.callbacks.time_budget.minutes is None and recipe.callbacks.time_budget.minutes == 4.75
     assert OmegaConf.to_container(recipe.trainer)["devices"] == "${cpu_ranks:2}" and default.trainer.devices == 1
+
+
+def test_the_recipe_file_states_only_what_differs_from_the_defaults():
+    """One source of truth: a value the recipe restated from the defaults would have to be kept equal by hand."""
+    recipe = OmegaConf.to_container(OmegaConf.load(CONF / "experiment" / "cpu_fast.yaml"))
+    chosen = OmegaConf.to_container(OmegaConf.load(CONF / "train.yaml"))["defaults"]
+    chosen = {group: option for item in chosen if isinstance(item, dict) for group, option in item.items()}
+    for item in recipe.pop("defaults"):
+        (key, option), = item.items()
+        group = key.removeprefix("override /")
+        assert chosen[group] != option, f"cpu_fast.yaml restates the default {group}: {option}"
+    default = OmegaConf.to_container(compose_train([]))
+    for key, value in _leaves(recipe):
+        node = default
+        for part in key:
+            node = node[part]
+        assert node != value, f"cpu_fast.yaml restates the default {'.'.join(key)}: {value}"
 
 
 def test_cpu_ranks_one_process_per_core_up_to_the_cap_and_one_gpu(monkeypatch):

@@ -12,7 +12,7 @@ from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig
 from torch.utils.data import SequentialSampler
 
-from crackclf.config import ConfigError
+from crackclf.config import ConfigError, register_resolvers
 from crackclf.data.datamodule import EpochShuffle, _EpochBatchSampler
 from crackclf.tracking import mlflow as tracking
 from crackclf.tracking.logger import ResumableMLFlowLogger
@@ -30,6 +30,7 @@ def store(tmp_path_factory) -> str:
 
 
 def config(*overrides: str) -> DictConfig:
+    register_resolvers()  # explicitly: importing crackclf.config registers nothing
     with initialize_config_dir(str(REPO / "conf"), version_base="1.3"):
         return compose(config_name="train", overrides=list(overrides))
 

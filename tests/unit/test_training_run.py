@@ -13,7 +13,7 @@ from hydra.core.global_hydra import GlobalHydra
 from mlflow.tracking import MlflowClient
 from pytorch_lightning.utilities.exceptions import SIGTERMException
 
-from crackclf.config import ConfigError
+from crackclf.config import ConfigError, register_resolvers
 from crackclf.training.lifecycle import TrainingRun
 from crackclf.training.resume import lock_run, read_marker
 
@@ -23,6 +23,7 @@ REPO = Path(__file__).resolve().parents[2]
 @pytest.fixture
 def cfg(tmp_path, mlflow_uri):
     GlobalHydra.instance().clear()
+    register_resolvers()  # explicitly: importing crackclf.config registers nothing
     with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
         return compose("train", overrides=[f"paths.output_dir={tmp_path / 'run'}", f"paths.root_dir={tmp_path}"])
 

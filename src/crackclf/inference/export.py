@@ -18,6 +18,7 @@ import numpy as np
 
 from crackclf.bundle import BundleError, LoadedModel, load_onnx, save_onnx
 from crackclf.data.images import ImageSource
+from crackclf.errors import short_error
 from crackclf.inference.predictor import Predictor
 
 log = logging.getLogger(__name__)
@@ -58,7 +59,7 @@ def run_parity_sources(model: LoadedModel, count: int = PARITY_MIN_IMAGES) -> li
             folder = tracking.download_artifact(model.info.run_id, "data", Path(tmp))
             rows = [row for csv_file in sorted(folder.glob("split*.csv")) for row in read_split(csv_file)]
     except Exception as error:  # noqa: BLE001 - missing run, param or artifact all mean the same to the user
-        raise BundleError(f"cannot read the split of run {model.info.run_id} ({type(error).__name__}: {error}); "
+        raise BundleError(f"cannot read the split of run {model.info.run_id} ({short_error(error)}); "
                           f"{hint.format(count=count)}.") from None
     ordered = sorted(rows, key=lambda r: (r.split == "train", r.path))  # held-out images first
     paths = [root / r.path for r in ordered if (root / r.path).is_file()]

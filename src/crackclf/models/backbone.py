@@ -5,14 +5,16 @@ from __future__ import annotations
 import difflib
 import logging
 import warnings
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import timm
 import torch
 from torch import nn
 
-from crackclf.errors import CrackclfError
+from crackclf.errors import CrackclfError, short_error
 from crackclf.models.weights import load_local_weights, load_pretrained
 
 log = logging.getLogger(__name__)
@@ -48,29 +50,60 @@ def normalise_pretrained(value: object) -> str:
 
 @dataclass
 class BuiltBackbone:
+    """A timm network with a fresh head, what it started from, and how it is frozen during training."""
+
     model: nn.Module
     pretrained_status: str  # "package:<dist>==<v>", "hub", "local:<file>", "scratch", "scratch (hub unreachable)"
     mean: tuple[float, float, float]
     std: tuple[float, float, float]
+    #: What rebuilds the architecture without weights (crackclf.bundle stores both): the timm name and the extra
+    #: timm keyword arguments (``backbone.kwargs``; dropout is left out: it does not change the weights).
+    name: str = ""
+    timm_kwargs: dict[str, Any] = field(default_factory=dict)
+    #: Epochs at the start during which only the head trains (``backbone.freeze_epochs``).
+    freeze_epochs: int = 0
+    #: Parameters frozen for the whole run (``backbone.freeze_groups``) and their BatchNorm layers, which the
+    #: LightningModule keeps in eval mode (see :func:`freeze_early_groups`).
+    frozen_names: frozenset[str] = frozenset()
+    frozen_norms: list[nn.Module] = field(default_factory=list)
 
 
 def create_backbone(
     name: str,
-    pretrained: str | bool = "auto",
+    pretrained: str | bool,
+    *,
+    num_classes: int,
     weights: str | None = None,
-    num_classes: int = 2,
     drop_rate: float = 0.0,
-    **timm_kwargs,
+    kwargs: Mapping[str, Any] | None = None,
+    freeze_groups: int = 0,
+    freeze_epochs: int = 0,
 ) -> BuiltBackbone:
-    """Build ``name`` with a fresh ``num_classes`` head according to the pretrained policy.
+    """Build ``name`` with a fresh ``num_classes`` head according to the pretrained policy, frozen as asked.
+
+    This is the ``_target_`` of every ``conf/backbone/*.yaml`` (with ``_partial_: true``): Hydra binds the YAML's
+    values and the LightningModule adds ``num_classes`` (one per class name). The keyword defaults are timm's
+    "off" values (no dropout, nothing frozen, no extra arguments) for calls from Python; the YAML states each one.
 
     ``pretrained``: ``auto`` uses ImageNet weights when available (an installed weights package, the hub cache or
     the hub: :mod:`crackclf.models.weights`) and otherwise warns loudly and trains from scratch; ``true`` requires
-    them; ``false`` never loads them. ``weights`` (a local file) overrides all three.
+    them; ``false`` never loads them. ``weights`` (a local file) overrides all three. ``kwargs``: extra timm
+    ``create_model`` arguments, recorded with the model. ``freeze_groups``: the first N of timm's coarse parameter
+    groups stay frozen all run; ``freeze_epochs``: only the head trains for the first N epochs.
     """
+    timm_kwargs = dict(kwargs or {})
+    built = _create_network(name, pretrained, weights, dict(num_classes=num_classes, drop_rate=drop_rate,
+                                                            **timm_kwargs))
+    frozen_names, frozen_norms = freeze_early_groups(built.model, int(freeze_groups or 0))
+    built.name, built.timm_kwargs, built.freeze_epochs = name, timm_kwargs, int(freeze_epochs or 0)
+    built.frozen_names, built.frozen_norms = frozen_names, frozen_norms
+    return built
+
+
+def _create_network(name: str, pretrained: str | bool, weights: str | None, kwargs: dict[str, Any]) -> BuiltBackbone:
+    """The network alone, from a local file, the pretrained sources or scratch (see :func:`create_backbone`)."""
     check_backbone_name(name)
     policy = normalise_pretrained(pretrained)
-    kwargs = dict(num_classes=num_classes, drop_rate=drop_rate, **timm_kwargs)
     if weights:
         path = Path(weights)
         if not path.is_file():
@@ -86,8 +119,8 @@ def create_backbone(
         except ConnectionError as error:
             if policy == "true":
                 raise BackboneError(
-                    f"backbone.pretrained=true but the weights of {name!r} could not be loaded ({type(error).__name__}:"
-                    f" {str(error).splitlines()[0][:300]}). Offline, either download them elsewhere and pass "
+                    f"backbone.pretrained=true but the weights of {name!r} could not be loaded "
+                    f"({short_error(error, 300)}). Offline, either download them elsewhere and pass "
                     "backbone.weights=/path/to/file.pth (or .safetensors), or set backbone.pretrained=false "
                     "(or auto) to train from scratch."
                 ) from None
@@ -95,7 +128,7 @@ def create_backbone(
                 f"PRETRAINED WEIGHTS FOR {name!r} ARE NOT REACHABLE ({error}); TRAINING FROM SCRATCH. "
                 "Set backbone.pretrained=true to make this an error, or backbone.weights=<file> to use a local copy."
             )
-            warnings.warn(message, stacklevel=2)
+            warnings.warn(message, stacklevel=3)  # at the caller of create_backbone
             log.warning(message)
             model, status = timm.create_model(name, pretrained=False, **kwargs), "scratch (hub unreachable)"
     config = getattr(model, "pretrained_cfg", {}) or {}

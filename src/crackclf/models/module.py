@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import pytorch_lightning as pl
@@ -13,8 +13,9 @@ import torch
 import torch.nn.functional as F
 from torchmetrics import MaxMetric, MeanMetric, SumMetric
 
+from crackclf.distributed import gather_to_cpu
 from crackclf.metrics import stage_metrics
-from crackclf.models.backbone import CrackNet, create_backbone, freeze_early_groups, set_backbone_trainable
+from crackclf.models.backbone import BuiltBackbone, CrackNet, set_backbone_trainable
 from crackclf.utils import worker_count
 
 log = logging.getLogger(__name__)
@@ -23,43 +24,48 @@ log = logging.getLogger(__name__)
 class CrackClassifier(pl.LightningModule):
     """Binary crack classifier.
 
+    Every argument but ``scheduler`` comes from the composed config (``conf/train.yaml``'s ``model`` node): the YAML is
+    the one place their values are stated, so the constructor gives them no defaults of its own.
+
     Args:
-        backbone: ``name``, ``pretrained`` (auto/true/false), ``weights`` (local file), ``freeze_epochs``,
-            ``freeze_groups`` (early stages frozen for the whole run), ``drop_rate`` and optional extra timm
-            keyword arguments under ``kwargs``.
+        backbone: the backbone factory, ``conf/backbone/*.yaml`` instantiated with ``_partial_``
+            (:func:`crackclf.models.backbone.create_backbone` with ``name``, ``pretrained``, ``weights``,
+            ``freeze_epochs``, ``freeze_groups``, ``drop_rate`` and ``kwargs`` bound); called here with
+            ``num_classes``.
         optimizer: a partial optimizer (``params`` still missing), from the ``optimizer`` config group.
-        scheduler: a partial LR-scheduler factory (``optimizer`` and ``total_steps`` still missing) or ``None``.
         image_size: input side in pixels (recorded with the model).
         class_names: names of class 0 and class 1.
         label_smoothing: cross-entropy label smoothing.
         max_gap: a final train−val accuracy gap (unaugmented training sample vs validation, measured by
             ``crackclf.train`` after fitting) above this flags the run as overfitting.
         channels_last: use the channels-last memory format (faster convolutions on many CPUs and GPUs).
+        scheduler: a partial LR-scheduler factory (``optimizer`` and ``total_steps`` still missing); ``None``
+            (``scheduler=none``) keeps the rate constant.
     """
 
     def __init__(
         self,
-        backbone: dict[str, Any],
+        backbone: Callable[..., BuiltBackbone],
         optimizer: Callable[..., torch.optim.Optimizer],
+        *,
+        image_size: int,
+        class_names: Sequence[str],
+        label_smoothing: float,
+        max_gap: float,
+        channels_last: bool,
         scheduler: Callable[..., Any] | None = None,
-        image_size: int = 64,
-        class_names: tuple[str, str] = ("no_crack", "crack"),
-        label_smoothing: float = 0.0,
-        max_gap: float = 0.003,
-        channels_last: bool = False,
     ) -> None:
         super().__init__()
-        self.save_hyperparameters(logger=False, ignore=["optimizer", "scheduler"])
+        # The factories are code, not hyperparameters: what rebuilds the network is the bundle entry
+        # (crackclf.bundle.BundleInfo, from backbone_name/timm_kwargs below), and the config is logged to MLflow.
+        self.save_hyperparameters(logger=False, ignore=["backbone", "optimizer", "scheduler"])
         self.optimizer_factory, self.scheduler_factory = optimizer, scheduler
-        built = create_backbone(
-            backbone["name"], backbone.get("pretrained", "auto"), backbone.get("weights"), num_classes=2,
-            drop_rate=backbone.get("drop_rate", 0.0), **(backbone.get("kwargs") or {}),
-        )
+        built = backbone(num_classes=len(class_names))
         self.pretrained_status = built.pretrained_status
+        self.backbone_name, self.timm_kwargs = built.name, dict(built.timm_kwargs)
         self.net = CrackNet(built.model, built.mean, built.std)
-        self.freeze_epochs = int(backbone.get("freeze_epochs", 0) or 0)
-        self._frozen_names, self._frozen_norms = freeze_early_groups(built.model,
-                                                                     int(backbone.get("freeze_groups", 0) or 0))
+        self.freeze_epochs = built.freeze_epochs
+        self._frozen_names, self._frozen_norms = built.frozen_names, built.frozen_norms
         self.channels_last = channels_last
         if channels_last:
             self.net = self.net.to(memory_format=torch.channels_last)
@@ -201,11 +207,7 @@ class CrackClassifier(pl.LightningModule):
         probabilities = torch.cat([p for p, _ in outputs]) if outputs else torch.empty(0)
         labels = torch.cat([y for _, y in outputs]) if outputs else torch.empty(0, dtype=torch.long)
         if self.trainer is not None and self.trainer.world_size > 1:  # DDP: each rank holds only its shard
-            # On the strategy's device: after trainer.validate/test the module is back on the CPU, and NCCL gathers
-            # only GPU tensors (gloo on CPU: the CPU).
-            strategy = self.trainer.strategy
-            probabilities = strategy.all_gather(probabilities.to(strategy.root_device)).flatten().cpu()
-            labels = strategy.all_gather(labels.to(strategy.root_device)).flatten().cpu()
+            probabilities, labels = gather_to_cpu(self.trainer.strategy, probabilities, labels)
         return probabilities, labels
 
     # ---------------------------------------------------------------------------------------------------- test

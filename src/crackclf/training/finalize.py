@@ -11,6 +11,7 @@ import numpy as np
 import torch
 
 from crackclf.bundle import BundleInfo, source_tile_size
+from crackclf.distributed import reduce_to_cpu
 from crackclf.metrics import accuracy, choose_threshold, confusion_matrix
 
 __all__ = ["FinalReport", "bundle_info", "finalize"]
@@ -83,11 +84,14 @@ def finalize(trainer: Any, model: Any, datamodule: Any, *, threshold_mode: str, 
 
 
 def bundle_info(cfg: Any, model: Any, datamodule: Any, threshold: float, run_id: str | None) -> BundleInfo:
-    """What travels with the deployed weights: backbone, input size, normalisation, classes, threshold, source."""
+    """What travels with the deployed weights: backbone, input size, normalisation, classes, threshold, source.
+
+    The architecture is read from the network that was built (its timm name and extra arguments), so the bundle
+    rebuilds what was trained whatever the config said."""
     return BundleInfo(
-        backbone=cfg.backbone.name, image_size=cfg.data.image_size, mean=tuple(model.net.mean.flatten().tolist()),
+        backbone=model.backbone_name, image_size=cfg.data.image_size, mean=tuple(model.net.mean.flatten().tolist()),
         std=tuple(model.net.std.flatten().tolist()), class_names=tuple(cfg.data.class_names), threshold=threshold,
-        run_id=run_id, pretrained_status=model.pretrained_status, timm_kwargs=dict(cfg.backbone.get("kwargs") or {}),
+        run_id=run_id, pretrained_status=model.pretrained_status, timm_kwargs=dict(model.timm_kwargs),
         tile_size=source_tile_size(datamodule.verify_report),
     )
 
@@ -115,6 +119,6 @@ def _confusion(model: Any, datamodule: Any, loader: Any, trainer: Any, threshold
             images, labels = datamodule.on_after_batch_transfer([t.to(device) for t in batch], 0)
             probabilities = model(images).softmax(1)[:, 1].cpu().numpy()
             matrix += confusion_matrix(probabilities, labels.cpu().numpy(), threshold)
-    if trainer.world_size > 1:  # DDP: each rank counted its own shard (summed on the device: NCCL needs GPU tensors)
-        matrix = trainer.strategy.reduce(torch.from_numpy(matrix).to(device), reduce_op="sum").cpu().numpy()
+    if trainer.world_size > 1:  # DDP: each rank counted its own shard
+        matrix = reduce_to_cpu(trainer.strategy, torch.from_numpy(matrix), reduce_op="sum").numpy()
     return matrix

@@ -23,6 +23,7 @@ import math
 import pytorch_lightning as pl
 import torch
 
+from crackclf.distributed import gather_to_cpu, reduce_to_cpu
 from crackclf.errors import UsageError
 
 log = logging.getLogger(__name__)
@@ -60,7 +61,7 @@ class HardExampleFocus(pl.Callback):
             with (and their BatchNorm statistics) are fitted to the images as they come, not to the hard ones.
     """
 
-    def __init__(self, weight: float = 0.0, start: int = 2, uniform_last: int = 1) -> None:
+    def __init__(self, weight: float, start: int = 2, uniform_last: int = 1) -> None:
         if not 0.0 <= weight < 1.0:
             raise UsageError(f"callbacks.hard_example_focus.weight={weight} must be in [0, 1) (0 switches it off).")
         if start < 1:
@@ -141,12 +142,10 @@ class HardExampleFocus(pl.Callback):
 def _gather_all(trainer: pl.Trainer, rows: torch.Tensor, values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """All ranks' (rows, losses) of the epoch; shorter shards are padded with -1 rows, which are dropped."""
     strategy = trainer.strategy
-    device = strategy.root_device  # NCCL gathers only device tensors (gloo on CPU: the CPU)
-    longest = int(strategy.reduce(torch.tensor(len(rows), dtype=torch.float32, device=device), reduce_op="max"))
-    padded_rows = torch.full((longest,), -1, dtype=torch.long, device=device)
-    padded_values = torch.zeros(longest, device=device)
+    longest = int(reduce_to_cpu(strategy, torch.tensor(len(rows), dtype=torch.float32), reduce_op="max"))
+    padded_rows = torch.full((longest,), -1, dtype=torch.long)
+    padded_values = torch.zeros(longest)
     padded_rows[: len(rows)], padded_values[: len(values)] = rows.long(), values
-    all_rows = strategy.all_gather(padded_rows).reshape(-1).cpu()
-    all_values = strategy.all_gather(padded_values).reshape(-1).cpu()
+    all_rows, all_values = gather_to_cpu(strategy, padded_rows, padded_values)
     keep = all_rows >= 0
     return all_rows[keep], all_values[keep]

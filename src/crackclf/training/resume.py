@@ -30,6 +30,7 @@ from pytorch_lightning.utilities.exceptions import SIGTERMException
 from pytorch_lightning.utilities.rank_zero import rank_zero_only
 
 from crackclf.config import ConfigError
+from crackclf.errors import short_error
 from crackclf.tracking import mlflow as tracking
 from crackclf.tracking.logger import ResumableMLFlowLogger
 from crackclf.utils import atomic_write_text, stable_hash
@@ -127,7 +128,7 @@ def _run_dir_of(run_id: str) -> Path:
         run = tracking.get_run(run_id)
     except Exception as error:  # noqa: BLE001 - MLflow raises several types for an unknown id
         raise ConfigError(f"resume={run_id}: no such MLflow run in {tracking.tracking_uri()} "
-                          f"({str(error).splitlines()[0][:120]}).") from None
+                          f"({short_error(error, 120)}).") from None
     folder = run.data.tags.get("output_dir")
     if not folder or not Path(folder).is_dir():
         raise ConfigError(f"resume={run_id}: the run's output folder {folder!r} is gone, so there is no checkpoint "
