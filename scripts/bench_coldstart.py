@@ -11,11 +11,11 @@ the run's own log (`train.log` of `make train`): docs/recipe.md puts the two tog
 from __future__ import annotations
 
 import argparse
-import json
-import os
 import tempfile
 import time
 from pathlib import Path
+
+from _bench import environment, write_json
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -41,7 +41,6 @@ def main() -> None:
     from crackclf.data import inventory as inv
     from crackclf.data.cache import build_cache
     from crackclf.data.split import make_split
-    from crackclf.utils import cpu_model
 
     class_dirs, class_names = ("Negative", "Positive"), ("no_crack", "crack")
     with tempfile.TemporaryDirectory(prefix="crackclf-coldstart-") as cache:
@@ -60,11 +59,10 @@ def main() -> None:
             build_cache(args.data, [r.path for r in chosen], [r.md5 for r in chosen], args.image_size, Path(cache),
                         progress=False)
         phases[f"image caches at {args.image_size} px (decode + resize)"] = time.perf_counter() - clock
-    result = {"cpu": cpu_model(), "cores": len(os.sched_getaffinity(0)), "images": len(inventory.records),
+    result = {**environment(), "images": len(inventory.records),
               "seconds": {name: round(value, 2) for name, value in phases.items()},
               "total_s": round(sum(phases.values()), 2)}
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=2) + "\n")
+    write_json(args.out, result)
     print(f"{result['images']:,} images, CPU: {result['cpu']}, {result['cores']} cores\n")
     print("| phase | seconds |\n| --- | ---: |")
     for name, value in result["seconds"].items():

@@ -17,7 +17,6 @@ import argparse
 import gc
 import json
 import os
-import platform
 import random
 import statistics
 import sys
@@ -29,8 +28,9 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "src"))
 
+from _bench import alternate_rounds, environment, write_json  # noqa: E402
 from crackclf.config import compose_config  # noqa: E402
-from crackclf.utils import atomic_write_text, keep_freed_memory, worker_count  # noqa: E402
+from crackclf.utils import keep_freed_memory, worker_count  # noqa: E402
 
 
 def torchvision_transform(size: int, aug: dict):
@@ -248,8 +248,7 @@ def main() -> int:
         "data": str(args.data), "images_in_data": len(datamodule.rows),
         "backbone": cfg.backbone.name, "image_size": size, "batch_size": batch_size,
         "augmentation": aug, "imagefolder_workers": args.workers,
-        "cpu_cores": worker_count(), "torch_threads": torch.get_num_threads(),
-        "torch": torch.__version__, "python": platform.python_version(), "machine": platform.machine(),
+        **environment(), "torch_threads": torch.get_num_threads(),
         "cache_prepare_seconds": round(prepare_s, 2), "repeats": args.repeats,
         "load_average_before": os.getloadavg(),
     }
@@ -281,7 +280,7 @@ def main() -> int:
         results["breakdown"] = breakdown(cfg, aug, batch_size, size)
         print("breakdown (median ms per batch):", json.dumps(results["breakdown"]), flush=True)
     results["load_average_after"] = os.getloadavg()
-    atomic_write_text(args.out, json.dumps(results, indent=2))
+    write_json(args.out, results)
     print(table(results))
     print(f"\nwritten: {args.out}")
     return 0
@@ -289,10 +288,7 @@ def main() -> int:
 
 def alternate(ours, theirs, repeats: int, names: tuple[str, str] = ("cache_batchaugment", "imagefolder_pil")) -> dict:
     """Measure ours, theirs, ours, theirs, ...: the medians and their ratio hold up when the machine's load drifts."""
-    runs: dict[str, list[dict]] = {name: [] for name in names}
-    for _ in range(repeats):
-        runs[names[0]].append(ours())
-        runs[names[1]].append(theirs())
+    runs = alternate_rounds({names[0]: ours, names[1]: theirs}, repeats)
     summary: dict = {name: {"images_per_s": statistics.median(r["images_per_s"] for r in measured), "runs": measured}
                      for name, measured in runs.items()}
     summary["ratio"] = summary[names[0]]["images_per_s"] / summary[names[1]]["images_per_s"]
@@ -314,7 +310,7 @@ def table(results: dict) -> str:
     load = results["load_average_before"][0], results["load_average_after"][0]
     return "\n".join(rows) + (
         f"\n\nmedians of {results['repeats']} alternating repeats (ratio per repeat in brackets); "
-        f"{results['image_size']} px, batch {results['batch_size']}, {results['cpu_cores']} CPU cores, "
+        f"{results['image_size']} px, batch {results['batch_size']}, {results['cores']} CPU cores ({results['cpu']}), "
         f"{results['imagefolder_workers']} DataLoader workers; load average {load[0]:.1f} before, {load[1]:.1f} after"
     )
 

@@ -11,8 +11,6 @@ backbone and image size (composed from conf/ as ``python train.py`` does) is mea
 from __future__ import annotations
 
 import argparse
-import json
-import platform
 import statistics
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -21,9 +19,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from _bench import alternate_rounds, environment, write_json
 from crackclf.bundle import BundleInfo, LoadedModel, build_network, load_model
 from crackclf.config import compose_config
-from crackclf.data.images import IMAGE_EXTENSIONS, load_resized
+from crackclf.data.images import list_image_files, load_resized
 from crackclf.inference.predictor import Predictor
 from crackclf.models.backbone import IMAGENET_MEAN, IMAGENET_STD
 from crackclf.utils import describe_device, keep_freed_memory, repo_root, worker_count
@@ -49,7 +48,7 @@ def rate(call, images_per_call: int, min_seconds: float = 3.0, warmup: int = 3) 
 
 
 def list_images(folder: Path, count: int) -> list[str]:
-    files = sorted(str(p) for p in folder.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS)
+    files = list_image_files(folder, folders=False)
     step = max(1, len(files) // count)  # spread over the class folders
     return files[::step][:count]
 
@@ -74,9 +73,8 @@ def main() -> None:
 
     model = load_model(args.model) if args.model else default_model()
     size = model.info.image_size
-    results: dict = {"model": model.model_id, "backbone": model.info.backbone, "image_size": size,
-                     "cores": worker_count(), "model_threads": args.threads or "default",
-                     "cpu": platform.processor() or platform.machine()}
+    results: dict = {**environment(), "model": model.model_id, "backbone": model.info.backbone, "image_size": size,
+                     "model_threads": args.threads or "default"}
     eager = Predictor(model, backend="torch", threads=args.threads, device=args.device)
     onnx = Predictor(model, backend="onnx", threads=args.threads)
     results["eager_device"] = describe_device(eager.device)
@@ -88,11 +86,9 @@ def main() -> None:
     results["repeats"] = args.repeats
     for batch in args.batches:
         images = pixels[:batch]
-        rates: dict[str, list[float]] = {"eager": [], "onnxruntime": []}
-        # Alternate the backends, several rounds: a slow spell of the machine then hits both, not one of them.
-        for _ in range(args.repeats):
-            for name, predictor in (("eager", eager), ("onnxruntime", onnx)):
-                rates[name].append(rate(lambda p=predictor, x=images: p.predict_arrays(x), batch, args.seconds))
+        measure = {name: (lambda p=predictor, x=images, n=batch: rate(lambda: p.predict_arrays(x), n, args.seconds))
+                   for name, predictor in (("eager", eager), ("onnxruntime", onnx))}
+        rates = alternate_rounds(measure, args.repeats)  # eager, ONNX Runtime, eager, ...: a slow spell hits both
         for name, values in rates.items():
             results[f"{name}_batch{batch}"] = round(statistics.median(values), 1)
         ratios = [o / e for o, e in zip(rates["onnxruntime"], rates["eager"], strict=True)]
@@ -128,8 +124,7 @@ def main() -> None:
         print(f"predict end to end, {backend:>5} backend: {value:.1f} img/s = "
               f"{results[f'{name}_vs_decode']:.2f} x the bare decode rate")
     if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(results, indent=2) + "\n")
+        write_json(args.out, results)
         print(f"written: {args.out}")
 
 

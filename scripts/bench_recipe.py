@@ -20,7 +20,7 @@ from pathlib import Path
 
 from mlflow.tracking import MlflowClient
 
-from crackclf.utils import cpu_model
+from _bench import append_jsonl, environment
 
 REPO = Path(__file__).resolve().parents[1]
 FIELDS = ("wall_s", "epochs", "best_val_acc", "test_acc", "test_f1", "test_auroc", "train_val_gap")
@@ -61,8 +61,7 @@ def run_once(data: Path, overrides: list[str], work: Path, cache_dir: Path | Non
         "planned_epochs": planned,
         "early_stopped": len(train_history) < planned,  # fewer epochs than planned: early stopping (or the budget)
         "run_id": run.info.run_id,
-        "cores": len(os.sched_getaffinity(0)),
-        "cpu": cpu_model(),
+        **environment(),
         "cold_cache": cache_dir is None,
         "overrides": overrides,
     }
@@ -94,14 +93,14 @@ def main() -> None:
         results.append(result)
         line = json.dumps(result)
         print(line, flush=True)
-        with open(args.out, "a") as handle:
-            handle.write(line + "\n")
+        append_jsonl(args.out, result)
         print(f"run {index + 1}/{args.runs}: " + "  ".join(f"{k}={result[k]}" for k in FIELDS), flush=True)
     if len(results) > 1:
         median = {k: statistics.median(r[k] for r in results if r[k] is not None) for k in FIELDS}
         print(json.dumps({"median": median, "runs": len(results)}))
     header = "| run | " + " | ".join(FIELDS) + " |"
-    print(f"\nCPU: {cpu_model()}, {len(os.sched_getaffinity(0))} cores")
+    machine = environment()
+    print(f"\nCPU: {machine['cpu']}, {machine['cores']} cores")
     print(header + "\n|" + "---|" * (len(FIELDS) + 1))
     for index, result in enumerate(results, 1):
         print(f"| {index} | " + " | ".join(str(result[k]) for k in FIELDS) + " |")

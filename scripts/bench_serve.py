@@ -17,7 +17,6 @@ import http.client
 import io
 import json
 import os
-import platform
 import signal
 import socket
 import subprocess
@@ -28,8 +27,9 @@ from pathlib import Path
 
 import numpy as np
 
-from crackclf.data.images import IMAGE_EXTENSIONS
-from crackclf.utils import atomic_write_text, repo_root, worker_count
+from _bench import environment, write_json
+from crackclf.data.images import list_image_files
+from crackclf.utils import repo_root
 
 HOST = "127.0.0.1"  # the benchmark never targets another machine
 BOUNDARY = "crackclf-bench-boundary"
@@ -57,7 +57,7 @@ def cpu_seconds(pid: int) -> float:
 
 def sample_images(data: Path, count: int) -> list[tuple[str, bytes]]:
     """``count`` real images spread over the class folders, or generated 227 px JPEGs when ``data`` is absent."""
-    files = sorted(p for p in data.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS) if data.is_dir() else []
+    files = [Path(f) for f in list_image_files(data, folders=False)]  # none when data is absent
     if files:
         step = max(1, len(files) // count)
         return [(p.name, p.read_bytes()) for p in files[::step][:count]]
@@ -123,8 +123,8 @@ def run_load(port: int, bodies: list[bytes], requests: int, concurrency: int, de
     kind, wall time and the CPU time the load generator itself used (s).
 
     The load generator shares the 2 cores with the server, so it is kept lean: one asyncio event loop (uvloop when
-    installed), requests prepared as bytes up front, responses read by Content-Length: ~0.1 ms of CPU per request
-    (``client_cpu_ms_per_request``), where ``http.client`` from 8 threads left ~1.5 ms less for the server.
+    installed), requests prepared as bytes up front, responses read by Content-Length. Its own CPU time per request
+    is reported (``client_cpu_ms_per_request``); docs/serving.md compares it with ``http.client`` from 8 threads.
     """
     import asyncio
 
@@ -232,10 +232,9 @@ def main() -> int:
         "client_cpu_ms_per_request": round(1000 * client_cpu / max(done, 1), 3),
         "server_rss_mb": {"started": round(rss_start, 1), "before_load": round(rss_before, 1),
                           "after_load": round(rss_after, 1)},
-        "cpus": worker_count(), "load_average": list(os.getloadavg()), "python": platform.python_version(),
-        "machine": platform.machine(),
+        **environment(),
     }
-    atomic_write_text(args.out, json.dumps(result, indent=2) + "\n")
+    write_json(args.out, result)
     latency = result["latency_ms"]
     rows = [("requests", f"{done} ({args.concurrency} concurrent)"), ("errors", str(result["errors"])),
             ("p50 / p90 / p99 latency", f"{latency['p50']} / {latency['p90']} / {latency['p99']} ms"),
@@ -245,7 +244,7 @@ def main() -> int:
             ("load generator CPU time per request", f"{result['client_cpu_ms_per_request']} ms"),
             ("server RSS before → after", f"{rss_before:.0f} → {rss_after:.0f} MiB"),
             ("model", f"{result['backbone']} {result['image_size']} px, {result['backend']} backend"),
-            ("CPUs / load average", f"{result['cpus']} / {result['load_average'][0]:.1f}")]
+            ("CPUs / load average", f"{result['cores']} ({result['cpu']}) / {result['load_average'][0]:.1f}")]
     print("| metric | value |\n| --- | --- |")
     for name, value in rows:
         print(f"| {name} | {value} |")

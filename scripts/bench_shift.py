@@ -16,13 +16,13 @@ from __future__ import annotations
 
 import argparse
 import io
-import json
 from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageEnhance, ImageFilter
 
+from _bench import environment, write_json
 from crackclf.data.images import open_image
 from crackclf.data.split import read_split
 from crackclf.inference.predictor import Predictor
@@ -100,8 +100,7 @@ def main() -> None:
               f"recall {100 * result['crack_recall']:6.2f} %  false alarms {100 * result['false_alarm_rate']:5.2f} %",
               flush=True)
     if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps({"model": args.model, "split": str(args.split), "results": results}, indent=2))
+        write_json(args.out, {**environment(), "model": args.model, "split": str(args.split), "results": results})
         print(f"written: {args.out}")
 
 

@@ -12,13 +12,13 @@ image goes through the normal prediction path (the one image opener, then Predic
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import time
 from pathlib import Path
 
 import numpy as np
 
+from _bench import environment, write_json
 from crackclf.data.download import CLASS_DIRS
 from crackclf.data.split import read_split
 from crackclf.inference.evaluate import labelled_files
@@ -89,8 +89,7 @@ def main() -> None:
                   f"{m['balanced_acc']:>7.2%} {m['auroc']:>6.3f} {m['recall']:>7.2%} {m['false_alarm_rate']:>7.2%}")
             results.append({"model": model, "set": name, "seconds": time.perf_counter() - started, **m})
     if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps({"cpu": cpu_model(), "results": results}, indent=2))
+        write_json(args.out, {**environment(), "results": results})
 
 
 if __name__ == "__main__":

@@ -232,8 +232,8 @@ def _ort_session(model: bytes):
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     # One intra-op thread per run; a Predictor uses several cores by running shards of a batch side by side
     # (Predictor threads=). Two intra-op threads that sleep between operators were slower than one even at batch
-    # 1 (mobilenetv3_small_100, 96 px: 1,584 vs 1,811 img/s), and idle threads that spin instead burnt ~60 % more
-    # CPU per served request on 2 shared cores (scripts/bench_serve.py) and starve the decode threads.
+    # 1 (`make bench-infer`, docs/deployment.md), and idle threads that spin instead burnt more CPU per served
+    # request on shared cores (`make bench-serve`, docs/serving.md) and starve the decode threads.
     options.intra_op_num_threads = 1
     options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     options.log_severity_level = 3

@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
-from crackclf.data.images import IMAGE_EXTENSIONS
+from crackclf.data.images import IMAGE_EXTENSIONS, iter_image_files
 from crackclf.errors import CrackclfError
 
 # timm (torch, torchvision) and MLflow are imported where needed: a wrong override or path is then reported in
@@ -28,9 +27,9 @@ def cpu_data_parallel_devices(max_ranks: int = 2) -> int:
     """Trainer ``devices`` for ``trainer=cpu_ddp``: 1 where PyTorch sees a GPU (one GPU trains alone); on CPU, one
     process per usable core, at most ``max_ranks``.
 
-    Why processes, not threads (measured with lcnet_050): its small depthwise convolutions, BatchNorm and
-    activations parallelise poorly over intra-op threads. On 2 cores two 1-thread processes trained 703 img/s against
-    526 img/s for one 2-thread process (96 px, docs/recipe.md).
+    Why processes, not threads: lcnet_050's small depthwise convolutions, BatchNorm and activations parallelise
+    poorly over intra-op threads, so on 2 cores two 1-thread processes trained faster than one 2-thread process
+    (the training-step table of docs/recipe.md; ``make bench-data`` times a training step).
     """
     import torch  # here, not at module level: config checks must stay fast
 
@@ -149,9 +148,7 @@ def _check_data_folder(root: Path, class_dirs: list[str], key: str) -> None:
             f"{key}={root} has no sub-folder {class_dir!r} (found: {sorted(p.name for p in root.iterdir())[:10]}). "
             f"Set data.class_dirs to the two class folder names, negative class first."
         ))
-        has_image = any(
-            Path(name).suffix.lower() in IMAGE_EXTENSIONS for _, _, names in os.walk(folder) for name in names
-        )
+        has_image = next(iter_image_files(folder, folders=False), None) is not None  # stops at the first
         _require(has_image, f"class folder {folder} contains no image files ({', '.join(sorted(IMAGE_EXTENSIONS))}).")
 
 

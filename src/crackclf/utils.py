@@ -111,9 +111,9 @@ def keep_freed_memory() -> bool:
 
     Training and inference allocate and free the same multi-megabyte tensors every batch. By default glibc serves
     such blocks with fresh ``mmap`` calls or trims them off the heap, so every batch pays for page faults on
-    newly mapped memory: on the 2-core machine here the batch augmentation took 11-23 ms per batch in four runs,
-    9-11 ms with these settings (docs/data.md). It is the same trade
-    jemalloc/tcmalloc make (resident memory stays at its peak). ``CRACKCLF_KEEP_FREED_MEMORY=0`` turns it off.
+    newly mapped memory, which made the batch augmentation slower and less steady from run to run (measured with
+    `make bench-data ARGS="--breakdown"`, docs/data.md). It is the same trade jemalloc/tcmalloc make (resident
+    memory stays at its peak). ``CRACKCLF_KEEP_FREED_MEMORY=0`` turns it off.
 
     Returns whether the settings were applied.
     """

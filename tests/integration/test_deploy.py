@@ -4,6 +4,7 @@ user runs them, bad inputs, threshold override and flip TTA."""
 from __future__ import annotations
 
 import csv
+import io
 import json
 import os
 import re
@@ -280,6 +281,25 @@ def test_sources_arrays_bytes_and_process_pool_agree(tiny_model):
     assert thread.predict_one(b"").error == "empty file (0 bytes)"
 
 
+
+
+def test_the_http_api_path_decodes_like_predict_sources_with_its_own_limits(tiny_model):
+    """``classify_sources`` (what ``POST /predict`` calls) uses the predictor's one decode, with the caller's limits."""
+    files = heldout_files(tiny_model.heldout)[:4]
+    predictor = Predictor.load(tiny_model.checkpoint, batch_size=3)  # 4 images: two batches
+    expected = [p.probability for p in predictor.predict_sources(files)]
+    png = io.BytesIO()
+    Image.open(files[0]).save(png, "PNG")
+    names = [f.name for f in files] + ["as.png", "junk.jpg"]
+    rows = predictor.classify_sources([f.read_bytes() for f in files] + [png.getvalue(), b"junk"], names,
+                                      formats=("JPEG",))
+    assert [r.source for r in rows] == names
+    np.testing.assert_allclose([r.probability for r in rows[:4]], expected, atol=1e-6)
+    assert rows[4].error == "format PNG is not accepted (accepted: JPEG)" and rows[4].probability is None
+    assert rows[5].error == "not a recognised image format"
+    (big,) = predictor.classify_sources([files[0]], max_pixels=100)
+    assert big.source == describe_source(files[0]) and "exceeds the limit of 100" in big.error
+    assert predictor.predict_one(files[0]).probability == pytest.approx(expected[0], abs=1e-6)
 
 def test_onnx_batches_run_as_parallel_shards_in_order(tiny_model):
     arrays = np.stack([load_resized(f, 32) for f in heldout_files(tiny_model.heldout)])[:21]

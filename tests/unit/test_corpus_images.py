@@ -132,3 +132,25 @@ def test_unreadable_file_is_refused_for_an_unprivileged_user():
         assert outcome.startswith("ImageError: permission denied"), outcome
     finally:
         shutil.rmtree(folder, ignore_errors=True)
+
+
+def test_the_one_folder_walker_lists_image_named_entries(tmp_path):
+    """Recursive and sorted; hidden files, file symlinks (broken too) and upper-case suffixes listed; a folder named
+    like an image listed only with ``folders``; a symlinked folder not followed; other suffixes left out."""
+    from crackclf.data.images import iter_image_files, list_image_files
+
+    root = tmp_path / "root"
+    (root / "b" / "deep").mkdir(parents=True)
+    (root / "x.jpg").mkdir()  # a folder named like an image
+    for name in ("b/deep/c.PNG", "a.jpg", ".hidden.jpg", "notes.txt", "b/z.tiff"):
+        (root / name).write_bytes(b"not checked here")
+    (root / "dangling.jpg").symlink_to(root / "missing.jpg")
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (outside / "far.jpg").write_bytes(b"x")
+    (root / "linked").symlink_to(outside, target_is_directory=True)
+    files = [os.path.join(root, n) for n in (".hidden.jpg", "a.jpg", "b/deep/c.PNG", "b/z.tiff", "dangling.jpg")]
+    assert list_image_files(root, folders=False) == files
+    assert list_image_files(root) == sorted([*files, os.path.join(root, "x.jpg")])
+    assert sorted(iter_image_files(str(root))) == list_image_files(root)
+    assert list_image_files(tmp_path / "absent") == []

@@ -39,3 +39,21 @@ def test_short_error_quotes_the_type_and_the_first_line_only():
     assert short_error(ValueError("bad header\n  at byte 12\n  ...")) == "ValueError: bad header"
     assert short_error(OSError("x" * 500), limit=10) == "OSError: " + "x" * 10
     assert short_error(KeyError()) == "KeyError"  # an empty message would have raised IndexError before
+
+
+def test_predict_evaluate_and_serve_share_one_declaration_of_the_model_options():
+    """The same options, help and defaults in the three commands (serve once had its own, with other defaults)."""
+    parser = cli.build_parser()
+    commands = next(a for a in parser._actions if a.dest == "command").choices
+    model_options = ("--model", "--threshold", "--tta", "--backend", "--device")
+
+    def declared(name):
+        actions = {o: a for a in commands[name]._actions for o in a.option_strings}
+        return {o: (actions[o].default, actions[o].help, actions[o].choices) for o in model_options}
+
+    assert declared("predict") == declared("evaluate") == declared("serve")
+    assert declared("serve")["--backend"][0] == "auto" and declared("serve")["--device"][0] == "auto"
+    parsed = [parser.parse_args(argv) for argv in (["predict", "--model", "m", "x.jpg"],
+                                                   ["evaluate", "--model", "m", "--data", "d"],
+                                                   ["serve", "--model", "m"])]
+    assert len({(a.threshold, a.tta, a.backend, a.device) for a in parsed}) == 1

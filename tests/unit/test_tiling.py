@@ -10,8 +10,10 @@ import pytest
 from PIL import Image
 
 from crackclf.bundle import BundleInfo, LoadedModel, build_network
+from crackclf.data.images import ImageError
+from crackclf.errors import UsageError
 from crackclf.inference.predictor import Predictor
-from crackclf.inference.tiling import map_photo, needs_tiling, tile_positions, write_map
+from crackclf.inference.tiling import map_photo, needs_tiling, tile_grid, tile_positions, write_map
 from crackclf.models.backbone import IMAGENET_MEAN, IMAGENET_STD
 
 
@@ -81,3 +83,23 @@ def test_everything_or_nothing_cracked_and_overlapping_windows(model):
     # A pixel covered by several windows takes the highest of their probabilities.
     covering = [t.probability for t in overlapping.tiles if t.x <= 50 < t.x + 40 and t.y <= 30 < t.y + 40]
     assert len(covering) == 4 and overlapping.probability[30, 50] == pytest.approx(max(covering))
+
+
+def test_one_tile_geometry_clips_the_window_and_defaults_the_stride():
+    grid = tile_grid(130, 60, 40)  # stride defaults to the window; x ends flush at 90
+    assert (grid.window, grid.stride) == (40, 40)
+    assert grid.boxes == [(x, y) for y in (0, 20) for x in (0, 40, 80, 90)]
+    small = tile_grid(30, 100, 40, stride=25)  # the window is clipped to the shorter side (30)
+    assert (small.window, small.stride, small.boxes) == (30, 25, [(0, 0), (0, 25), (0, 50), (0, 70)])
+    with pytest.raises(UsageError, match="stride=-1 must be >= 1"):
+        tile_grid(100, 100, 40, stride=-1)
+
+
+def test_a_photo_over_the_window_limit_is_refused_before_any_window_runs(model):
+    image = photo(2, 3)  # 120x80, window 40, stride 20: 5 x 3 = 15 windows
+    assert len(map_photo(Predictor(model), "p.png", photo=image, stride=20, max_tiles=15).tiles) == 15
+    with pytest.raises(ImageError) as refused:
+        map_photo(Predictor(model), "p.png", photo=image, stride=20, max_tiles=14)
+    assert refused.value.source == "p.png"
+    assert refused.value.reason == ("120x80 with window 40 and stride 20 gives 15 windows, more than the limit of "
+                                    "14; use a larger stride.")

@@ -9,7 +9,6 @@ from __future__ import annotations
 import csv
 import hashlib
 import json
-import os
 from collections import Counter, defaultdict
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass, field
@@ -19,15 +18,14 @@ import imagehash
 import numpy as np
 from tqdm import tqdm
 
-from crackclf.data.images import IMAGE_EXTENSIONS, ImageError, open_image
+from crackclf.data.images import ImageError, iter_image_files, open_image
 from crackclf.utils import TEXT_ERRORS, atomic_write_text, stable_hash, worker_count
 
 #: Two images whose 64-bit perceptual hashes (``imagehash.phash``) differ in at most this many bits are
-#: treated as near-duplicates. Measured on the 30,000-image Özgenel subset (docs/data.md): of the pairs with
-#: different MD5s, those at 0-2 bits were re-encoded copies (3,923 of 3,930 within 5 grey levels of each other);
-#: at 4 bits 37% were copies (mostly re-encoded), at 6 bits 8% (mostly crops shifted by a few pixels), the rest
-#: distinct crack images with a similar layout; at 8 bits the largest group joined by union-find grows from 84 to
-#: 515 images and the first cross-class pairs appear. Distances are always even: every phash has exactly 32 bits set.
+#: treated as near-duplicates: the largest threshold at which no pair crosses the classes and no group chained by
+#: union-find grows large; pairs at the smallest distances are re-encoded copies, the farther ones mostly distinct
+#: cracks with a similar layout. Measured by ``scripts/near_duplicate_study.py`` (docs/data.md, "The near-duplicate
+#: threshold"). Distances are always even: every phash has exactly 32 bits set.
 NEAR_DUPLICATE_BITS = 6
 
 
@@ -73,21 +71,11 @@ class Inventory:
 def list_class_files(root: Path, class_dirs: tuple[str, ...]) -> list[tuple[str, int]]:
     """All candidate image files under ``root/<class_dir>`` (recursive), as (relative path, label index).
 
-    Directories named like images and files with non-image suffixes are not candidates; anything with an
-    image suffix is (so a text file named ``.jpg`` is reported as unreadable, not silently skipped).
+    Files with non-image suffixes are not candidates; anything with an image suffix is, folders named like images
+    included (so a text file or a folder named ``.jpg`` is reported as unreadable, not silently skipped).
     """
-    found: list[tuple[str, int]] = []
-    for label, class_dir in enumerate(class_dirs):
-        base = root / class_dir
-        for dirpath, _dirnames, filenames in os.walk(base, followlinks=False):
-            for filename in filenames:
-                if Path(filename).suffix.lower() in IMAGE_EXTENSIONS:
-                    relative = Path(dirpath, filename).relative_to(root).as_posix()
-                    found.append((relative, label))
-            for dirname in _dirnames:
-                if Path(dirname).suffix.lower() in IMAGE_EXTENSIONS:
-                    relative = Path(dirpath, dirname).relative_to(root).as_posix()
-                    found.append((relative, label))  # reported as "is a directory"
+    found = [(Path(path).relative_to(root).as_posix(), label)
+             for label, class_dir in enumerate(class_dirs) for path in iter_image_files(root / class_dir)]
     found.sort()
     return found
 

@@ -11,7 +11,7 @@ import os
 import sys
 from pathlib import Path
 
-from crackclf.data.images import IMAGE_EXTENSIONS
+from crackclf.data.images import IMAGE_EXTENSIONS, list_image_files
 from crackclf.errors import UsageError
 
 MODEL_HELP = "a .ckpt or .onnx file, runs:/<run_id> or models:/<name>/<version>"
@@ -20,7 +20,8 @@ MODEL_HELP = "a .ckpt or .onnx file, runs:/<run_id> or models:/<name>/<version>"
 def register(subparsers: argparse._SubParsersAction) -> None:
     """Add ``evaluate``, ``predict``, ``export`` and ``explain`` to the ``crackclf`` parser."""
     evaluate = subparsers.add_parser("evaluate", help="metrics, curves and worst mistakes on a labelled folder")
-    _model_arguments(evaluate)
+    model_arguments(evaluate)
+    _batch_arguments(evaluate)
     evaluate.add_argument("--data", type=Path, required=True, help="labelled folder in the training layout")
     evaluate.add_argument("--class-dirs", nargs=2, default=None, metavar=("NEG", "POS"),
                           help="class sub-folders in label order (default: Negative Positive)")
@@ -33,7 +34,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     evaluate.set_defaults(func=_evaluate)
 
     predict = subparsers.add_parser("predict", help="classify files, folders (recursive), globs; map whole photos")
-    _model_arguments(predict)
+    model_arguments(predict)
+    _batch_arguments(predict)
     predict.add_argument("inputs", nargs="+", help="image files, folders (searched recursively) or glob patterns")
     predict.add_argument("--out", default="-", help="output file (default: standard output)")
     predict.add_argument("--format", choices=("csv", "json"), default=None,
@@ -69,16 +71,23 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     explain.set_defaults(func=_explain)
 
 
-def _model_arguments(parser: argparse.ArgumentParser) -> None:
+def model_arguments(parser: argparse.ArgumentParser) -> None:
+    """The model options of ``predict``, ``evaluate`` and ``serve``, declared once so that they keep one meaning and
+    one default: which model, its threshold, flip TTA, the backend and the device (see :class:`Predictor`)."""
     parser.add_argument("--model", required=True, help=MODEL_HELP)
     parser.add_argument("--threshold", type=float, default=None,
                         help="decision threshold on the crack probability (default: the one stored with the model)")
-    parser.add_argument("--tta", action="store_true", help="flip test-time augmentation (3 views averaged)")
+    parser.add_argument("--tta", action="store_true",
+                        help="flip test-time augmentation (3 views averaged; 3x the model time)")
     parser.add_argument("--backend", choices=("auto", "torch", "onnx"), default="auto",
                         help="auto (default): ONNX Runtime on CPU (a checkpoint is converted in memory), "
                              "PyTorch on a GPU")
     parser.add_argument("--device", default="auto",
                         help="auto (default: the GPU when PyTorch sees one, else the CPU), cpu, cuda or cuda:N")
+
+
+def _batch_arguments(parser: argparse.ArgumentParser) -> None:
+    """How ``predict`` and ``evaluate`` run through many files (``serve`` has its own workers and threads)."""
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--workers", type=int, default=None, help="decode workers (default: CPU cores)")
     parser.add_argument("--threads", type=int, default=None,
@@ -105,29 +114,19 @@ def expand_inputs(items: list[str]) -> tuple[list[str], list[tuple[str, str]]]:
     problems: list[tuple[str, str]] = []
     for item in items:
         if os.path.isdir(item):
-            found = _images_under(item)
+            found = list_image_files(item)
             files += found
             if not found:
                 problems.append((item, f"folder contains no image files ({', '.join(sorted(IMAGE_EXTENSIONS))})"))
         elif not os.path.lexists(item) and glob.has_magic(item):
             matches = sorted(glob.glob(item, recursive=True))
-            found = [f for m in matches for f in (_images_under(m) if os.path.isdir(m) else [m])]
+            found = [f for m in matches for f in (list_image_files(m) if os.path.isdir(m) else [m])]
             files += found
             if not found:
                 problems.append((item, "pattern matches no file"))
         else:
             files.append(item)
     return files, problems
-
-
-def _images_under(folder: str) -> list[str]:
-    # Folders named like images (``x.jpg/``) are listed too, so they are reported ("is a directory"), not ignored.
-    return sorted(
-        os.path.join(directory, name)
-        for directory, subfolders, names in os.walk(folder)
-        for name in [*names, *subfolders]
-        if os.path.splitext(name)[1].lower() in IMAGE_EXTENSIONS
-    )
 
 
 # ---------------------------------------------------------------------------------------------------- evaluate

@@ -18,6 +18,9 @@ Public API (stable; the serving layer builds on it)::
     probabilities = predictor.predict_arrays(list_of_arrays)           # float32 (N,) crack probabilities
     predictions = predictor.classify_arrays(list_of_arrays, names)     # list[Prediction]
 
+    # 3. A few sources decoded in the calling thread, with limits (the HTTP API's path).
+    predictions = predictor.classify_sources([b"...", b"..."], names, max_pixels=..., formats=("JPEG", "PNG"))
+
     predictor.failure(name, reason)     # the row of an input rejected before the model (e.g. by an upload check)
     predictor.describe()                # model id, backend, threshold, TTA and the bundle info, as a dict
 
@@ -45,7 +48,14 @@ from PIL import Image
 from tqdm import tqdm
 
 from crackclf.bundle import BundleInfo, LoadedModel, load_model, onnx_session
-from crackclf.data.images import ImageError, ImageSource, describe_source, load_resized, resize_array
+from crackclf.data.images import (
+    DEFAULT_MAX_PIXELS,
+    ImageError,
+    ImageSource,
+    describe_source,
+    load_resized,
+    resize_array,
+)
 from crackclf.errors import UsageError
 from crackclf.utils import worker_count
 
@@ -125,8 +135,8 @@ class Predictor:
         self.workers = max(1, workers if workers is not None else worker_count())
         self.device = resolve_device(device)
         if backend == "auto":
-            # ONNX Runtime on CPU: on 2 cores `predict` ran 2.1x faster end to end than eager PyTorch
-            # (scripts/bench_infer.py, docs/deployment.md); PyTorch where it can use an accelerator.
+            # ONNX Runtime on CPU, where `predict` ran faster end to end than eager PyTorch (`make bench-infer`,
+            # docs/deployment.md); PyTorch where it can use an accelerator.
             backend = "onnx" if model.network is None or self.device.type == "cpu" else "torch"
         self.backend = backend
         self._session = None
@@ -135,7 +145,7 @@ class Predictor:
                 raise UsageError(f"model {self.model_id}: an ONNX model runs only with backend 'onnx' (or 'auto').")
             if threads:
                 torch.set_num_threads(threads)
-            # channels-last runs the convolutions ~1.4x faster on CPU (measured in scripts/bench_infer.py).
+            # channels-last runs the convolutions faster on CPU (docs/recipe.md: contiguous vs channels-last).
             self._network = model.network.to(self.device, memory_format=torch.channels_last).eval()
         else:
             self._session = onnx_session(model)
@@ -220,14 +230,23 @@ class Predictor:
             for chunk in self._decoded_batches(pool, sources):
                 yield from chunk
 
+    def classify_sources(self, sources: Sequence[ImageSource], names: Sequence[str] | None = None, *,
+                         max_pixels: int = DEFAULT_MAX_PIXELS, formats: tuple[str, ...] | None = None
+                         ) -> list[Prediction]:
+        """Decode ``sources`` in the calling thread and classify them, one :class:`Prediction` each, in order.
+
+        The decode of :meth:`predict_sources` (one :func:`_decode`) with the caller's limits: ``max_pixels`` and
+        ``formats`` as in :func:`~crackclf.data.images.open_image` (the HTTP API passes its own). ``names``
+        become the rows' ``source`` (default: :func:`~crackclf.data.images.describe_source`). A source that cannot
+        be decoded gets a row with ``error`` set and never stops the others.
+        """
+        names = names if names is not None else [describe_source(source) for source in sources]
+        return self._predict_chunk([(name, *_decode(source, self.image_size, max_pixels, formats))
+                                    for name, source in zip(names, sources, strict=True)])
+
     def predict_one(self, source: ImageSource) -> Prediction:
         """One source (path, bytes or stream), decoded in the calling thread."""
-        name = describe_source(source)
-        try:
-            array = load_resized(source, self.image_size)
-        except ImageError as error:
-            return self.failure(name, error.reason)
-        return self._prediction(name, float(self.predict_arrays(array[None])[0]))
+        return self.classify_sources([source])[0]
 
     # ------------------------------------------------------------------------------------------------- internals
     def _executor(self) -> Executor:
@@ -265,10 +284,11 @@ class Predictor:
             yield batch
 
     def _predict_chunk(self, chunk: list[tuple[str, np.ndarray | None, str | None]]) -> list[Prediction]:
-        good = [array for _, array, _ in chunk if array is not None]
-        probabilities = iter(self._forward(np.stack(good)) if good else [])
-        return [self.failure(name, error) if array is None else self._prediction(name, float(next(probabilities)))
-                for name, array, error in chunk]
+        """Decoded (name, array or None, error) rows → Predictions in order; the decoded ones in one
+        :meth:`classify_arrays` call, the others as :meth:`failure` rows."""
+        good = [(name, array) for name, array, _ in chunk if array is not None]
+        predictions = iter(self.classify_arrays([a for _, a in good], [n for n, _ in good]) if good else [])
+        return [self.failure(name, error) if array is None else next(predictions) for name, array, error in chunk]
 
     def _prediction(self, name: str, probability: float) -> Prediction:
         probability = float(probability)
@@ -315,8 +335,8 @@ class Predictor:
         return probabilities
 
     def _run_onnx(self, images: np.ndarray) -> np.ndarray:
-        """Class probabilities from ONNX Runtime: shards of the batch run side by side, one thread each (on 2 cores
-        this ran mobilenetv3_small_100 at batch 32 1.46x faster than one run on 2 intra-op threads)."""
+        """Class probabilities from ONNX Runtime: shards of the batch run side by side, one thread each (faster than
+        one run on several intra-op threads: `make bench-infer`, docs/deployment.md)."""
         shards = min(self._shards, len(images) // MIN_SHARD)
         if shards <= 1:
             return self._session.run(None, {self._input_name: images})[0]
@@ -347,9 +367,11 @@ def resolve_device(device: str | torch.device) -> torch.device:
     return resolved
 
 
-def _decode(source: ImageSource, size: int) -> tuple[np.ndarray | None, str | None]:
-    """Worker: (array, None) or (None, one-line reason). Module-level so a process pool can pickle it."""
+def _decode(source: ImageSource, size: int, max_pixels: int = DEFAULT_MAX_PIXELS,
+            formats: tuple[str, ...] | None = None) -> tuple[np.ndarray | None, str | None]:
+    """The predictor's one decode: (array, None) or (None, one-line reason). Module-level so a process pool can
+    pickle it."""
     try:
-        return load_resized(source, size), None
+        return load_resized(source, size, max_pixels=max_pixels, formats=formats), None
     except ImageError as error:
         return None, error.reason

@@ -18,7 +18,7 @@ from typing import Any, BinaryIO
 import numpy as np
 from scipy import ndimage
 
-from crackclf.data.images import ImageSource, describe_source, open_image
+from crackclf.data.images import ImageError, ImageSource, describe_source, open_image
 from crackclf.errors import UsageError
 from crackclf.inference.predictor import Predictor
 from crackclf.plots import crack_map_overlay
@@ -109,8 +109,28 @@ def tile_positions(length: int, window: int, stride: int) -> list[int]:
     return starts
 
 
+@dataclass(frozen=True)
+class TileGrid:
+    """Where the windows of one photo go: ``boxes`` are the top-left corners, row by row."""
+
+    window: int
+    stride: int
+    boxes: list[tuple[int, int]]
+
+
+def tile_grid(width: int, height: int, window: int, stride: int | None = None) -> TileGrid:
+    """The one tile geometry (``predict --map``, ``/analyze``): the window clipped to the photo's shorter side, the
+    stride defaulting to the window (no overlap), and :func:`tile_positions` along both axes."""
+    size = min(window, width, height)
+    step = int(stride or size)
+    if step < 1:
+        raise UsageError(f"stride={stride} must be >= 1 pixel.")
+    return TileGrid(size, step, [(x, y) for y in tile_positions(height, size, step)
+                                 for x in tile_positions(width, size, step)])
+
+
 def map_photo(predictor: Predictor, source: ImageSource, *, window: int | None = None, stride: int | None = None,
-              photo: np.ndarray | None = None) -> CrackMap:
+              photo: np.ndarray | None = None, max_tiles: int | None = None) -> CrackMap:
     """Tile one photo and classify every window.
 
     Args:
@@ -119,19 +139,22 @@ def map_photo(predictor: Predictor, source: ImageSource, *, window: int | None =
         window: window side in photo pixels (default: :func:`window_of`); clipped to the photo's shorter side.
         stride: step between windows (default: ``window``, i.e. no overlap; smaller values overlap).
         photo: the already-decoded HWC uint8 photo, if the caller has it.
+        max_tiles: refuse (:class:`~crackclf.data.images.ImageError`) a photo that would give more windows, before
+            any is classified (a tiny stride on a huge photo would hold a server for minutes).
     """
     if photo is None:
         photo = np.asarray(open_image(source))
     height, width = photo.shape[:2]
-    size = min(window_of(predictor, window), width, height)
-    step = int(stride or size)
-    if step < 1:
-        raise UsageError(f"stride={stride} must be >= 1 pixel.")
-    boxes = [(x, y) for y in tile_positions(height, size, step) for x in tile_positions(width, size, step)]
-    crops = [photo[y : y + size, x : x + size] for x, y in boxes]
+    grid = tile_grid(width, height, window_of(predictor, window), stride)
+    size, step = grid.window, grid.stride
+    if max_tiles is not None and len(grid.boxes) > max_tiles:
+        raise ImageError(describe_source(source), f"{width}x{height} with window {size} and stride {step} gives "
+                                                  f"{len(grid.boxes):,} windows, more than the limit of "
+                                                  f"{max_tiles:,}; use a larger stride.")
+    crops = [photo[y : y + size, x : x + size] for x, y in grid.boxes]
     probabilities = predictor.predict_arrays(crops)
     tiles = [Tile(x, y, size, float(p), bool(p >= predictor.threshold))
-             for (x, y), p in zip(boxes, probabilities, strict=True)]
+             for (x, y), p in zip(grid.boxes, probabilities, strict=True)]
     probability = np.zeros((height, width), dtype=np.float32)
     for tile in tiles:
         x0, y0, x1, y1 = tile.box

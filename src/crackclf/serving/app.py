@@ -33,9 +33,9 @@ from fastapi.responses import FileResponse, JSONResponse
 from fastapi.staticfiles import StaticFiles
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from crackclf.data.images import ImageError, load_resized, open_image
+from crackclf.data.images import ImageError, open_image
 from crackclf.inference.predictor import Prediction, Predictor
-from crackclf.inference.tiling import map_photo, overlay_png, tile_positions, window_of
+from crackclf.inference.tiling import map_photo, overlay_png
 from crackclf.serving.settings import ServeSettings
 
 STATIC_DIR = Path(__file__).parent / "static"
@@ -195,28 +195,12 @@ def create_app(predictor: Predictor, settings: ServeSettings | None = None) -> F
     model_info = {"name": _model_name(predictor.model_id), **predictor.describe()}
 
     def predict_job(uploads: list[tuple[str, bytes]]) -> list[Prediction]:
-        size = predictor.image_size
-        rows: list[Prediction | None] = []
-        arrays, names = [], []
-        for name, data in uploads:
-            try:
-                arrays.append(load_resized(data, size, max_pixels=settings.max_pixels, formats=settings.formats))
-                names.append(name)
-                rows.append(None)
-            except ImageError as error:
-                rows.append(predictor.failure(name, error.reason))
-        good = iter(predictor.classify_arrays(arrays, names) if arrays else [])
-        return [row if row is not None else next(good) for row in rows]
+        return predictor.classify_sources([data for _, data in uploads], [name for name, _ in uploads],
+                                          max_pixels=settings.max_pixels, formats=settings.formats)
 
     def analyze_job(name: str, data: bytes, window: int | None, stride: int | None, tiles: bool) -> dict[str, Any]:
         photo = np.asarray(open_image(data, max_pixels=settings.max_pixels, formats=settings.formats))
-        height, width = photo.shape[:2]
-        size = min(window_of(predictor, window), width, height)
-        count = len(tile_positions(width, size, stride or size)) * len(tile_positions(height, size, stride or size))
-        if count > settings.max_tiles:
-            raise ImageError(name, f"{width}x{height} with window {size} and stride {stride or size} gives {count:,} "
-                                   f"windows, more than the limit of {settings.max_tiles:,}; use a larger stride.")
-        crack_map = map_photo(predictor, name, window=window, stride=stride, photo=photo)
+        crack_map = map_photo(predictor, name, window=window, stride=stride, photo=photo, max_tiles=settings.max_tiles)
         summary = crack_map.summary()
         if not tiles:
             summary.pop("tile_results")

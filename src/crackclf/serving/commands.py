@@ -7,7 +7,7 @@ import ipaddress
 import logging
 
 from crackclf.errors import UsageError
-from crackclf.inference.commands import MODEL_HELP
+from crackclf.inference.commands import model_arguments
 
 log = logging.getLogger(__name__)
 
@@ -22,17 +22,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         description="Serve a model over HTTP: the web page at /, POST /predict, POST /analyze, GET /healthz, "
                     "GET /model, OpenAPI docs at /docs. Binds to 127.0.0.1 (this machine only) unless --host says "
                     "otherwise; there is no authentication, so bind elsewhere only on a network you trust.")
-    serve.add_argument("--model", required=True, help=MODEL_HELP)
+    model_arguments(serve)  # the same model options and defaults as predict and evaluate
     serve.add_argument("--host", default="127.0.0.1",
                        help="address to bind (default 127.0.0.1: this machine only; 0.0.0.0 exposes the server to "
                             "every network this machine is on)")
     serve.add_argument("--port", type=int, default=8000, help="TCP port (default 8000)")
-    serve.add_argument("--backend", choices=("auto", "torch", "onnx"), default="onnx",
-                       help="inference backend (default onnx: ONNX Runtime, a PyTorch model is converted in memory "
-                            "at start-up; auto: ONNX Runtime for .onnx models, PyTorch otherwise)")
-    serve.add_argument("--threshold", type=float, default=None,
-                       help="decision threshold on the crack probability (default: the one stored with the model)")
-    serve.add_argument("--tta", action="store_true", help="flip test-time augmentation (3 views averaged; 3x slower)")
     serve.add_argument("--workers", type=int, default=defaults.workers,
                        help=f"inference threads (default {defaults.workers}: one per usable core)")
     serve.add_argument("--threads", type=int, default=1,
@@ -76,7 +70,7 @@ def _serve(args: argparse.Namespace) -> int:
     if args.threads < 1:
         raise UsageError(f"--threads {args.threads} must be >= 1 (e.g. 1).")
     predictor = Predictor.load(args.model, backend=args.backend, threshold=args.threshold, tta=args.tta,
-                               threads=args.threads)
+                               threads=args.threads, device=args.device)
     if not _is_loopback(args.host):
         log.warning("binding to %s: anyone who can reach this machine on port %d can use the API (no "
                     "authentication); put it behind a reverse proxy with TLS and access control for shared use.",

@@ -30,7 +30,7 @@ class ServeSettings:
     max_files: int = 32  # images per /predict request
     max_tiles: int = 4096  # windows per /analyze photo (a tiny stride on a huge photo would be a DoS)
     # Inference threads: one per usable core, each model call on one intra-op thread (``crackclf serve --threads``
-    # default): on 2 cores this measured p50 9.0 ms vs 12.5 ms for 1 worker x 2 threads (docs/serving.md).
+    # default): lower latency than 1 worker x 2 threads on 2 cores (`make bench-serve`, docs/serving.md).
     workers: int = field(default_factory=worker_count)
     queue_size: int = 16  # requests waiting for a worker before the server answers 503
     retry_after_s: int = 1
