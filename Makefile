@@ -13,7 +13,7 @@ DATA_ARG := $(if $(DATA),data.root=$(abspath $(DATA)),)
 
 .DEFAULT_GOAL := help
 .PHONY: help setup lock check-lock train sweep test test-all ui lint format clean data bench bench-data bench-infer \
-	bench-serve bench-recipe bench-coldstart bench-shift bench-transfer predict serve compare browser
+	bench-serve bench-recipe bench-coldstart bench-shift bench-transfer bench-adapt adapt predict serve compare browser
 
 help: ## show this help
 	@grep -E '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "}; {printf "  make %-14s %s\n", $$1, $$2}'
@@ -71,6 +71,10 @@ check-lock: $(STAMP) ## .venv == requirements.lock (pip freeze), and the local w
 train: $(STAMP) ## train the default recipe (experiment=cpu_fast, <= 5 min): make train DATA=/path/to/concrete_crack [ARGS="key=value ..."]
 	$(BIN)/python train.py experiment=cpu_fast $(DATA_ARG) $(ARGS)
 
+adapt: $(STAMP) ## adapt MODEL to a new surface from a few labelled photos: make adapt MODEL=<model> DATA=<labelled folder> [REPLAY=<original data>]
+	@test -n "$(MODEL)" -a -n "$(DATA)" || { echo "usage: make adapt MODEL=<best.ckpt|runs:/id|models:/name/v> DATA=<folder with no_crack/ crack/> [REPLAY=<the original data set>] [ARGS=...]"; exit 2; }
+	$(BIN)/python train.py experiment=adapt init_from=$(MODEL) adapt.data=$(abspath $(DATA)) $(if $(REPLAY),adapt.replay=$(abspath $(REPLAY))) $(ARGS)
+
 sweep: $(STAMP) ## sweep the curated backbones (experiment=backbone_bench): make sweep DATA=... [ARGS=...]
 	$(BIN)/python train.py -m experiment=backbone_bench $(DATA_ARG) $(ARGS)
 
@@ -114,6 +118,12 @@ bench-transfer: $(STAMP) ## per-surface balanced accuracy / AUROC / recall of MO
 	$(BIN)/python scripts/bench_transfer.py --model $(MODEL) \
 		--surfaces $(or $(SURFACES),$(wildcard $(SHARED_DATA)/../other_surfaces/*/)) \
 		$(if $(SPLIT),--split $(SPLIT) --data $(or $(DATA),$(SHARED_DATA))) --out bench/transfer.json $(ARGS)
+
+bench-adapt: $(STAMP) ## the adaptation curve of MODEL (0/10/25/50 labelled tiles per class) on other_surfaces [SURFACES=dirs] [REPLAY=dir]
+	@test -n "$(MODEL)" || { echo "usage: make bench-adapt MODEL=<model> [SURFACES=\"dir ...\"] [REPLAY=<original data>]"; exit 2; }
+	$(BIN)/python scripts/bench_adapt.py --model $(MODEL) \
+		--surfaces $(or $(SURFACES),$(wildcard $(SHARED_DATA)/../other_surfaces/*/)) \
+		--replay $(abspath $(or $(REPLAY),$(SHARED_DATA))) --out bench/adapt.json $(ARGS)
 
 bench-shift: $(STAMP) ## test split re-rendered as other cameras/files would give it: make bench-shift MODEL=... SPLIT=<run's split csv>
 	@test -n "$(MODEL)" -a -n "$(SPLIT)" || { echo "usage: make bench-shift MODEL=<model> SPLIT=<the run's data/split-*.csv> [DATA=...]"; exit 2; }

@@ -1,0 +1,134 @@
+"""The adaptation curve: how a model does on a new surface after `make adapt` with 0 / 10 / 25 / 50 labelled tiles
+per class, scored on other photos of that surface.
+
+    .venv/bin/python scripts/bench_adapt.py --model <best.ckpt | runs:/id> \
+        --surfaces ../shared/data/other_surfaces/concrete ../shared/data/other_surfaces/ceramic_tile \
+        [--tiles 0 10 25 50] [--replay ../shared/data/concrete_crack] [--out bench/adapt.json]
+
+A surface folder holds its class folders and a ``MANIFEST.csv`` with ``relpath`` and ``parent`` (the photo each
+tile was cut from). Its photos are split once, by a seeded draw, into an evaluation half and a pool; for each level
+the labelled tiles are whole photos drawn from the pool until the level is reached for both classes (or the pool
+runs out: the counts used are reported), so no photo is both trained on and scored. Each level is one real
+`python train.py experiment=adapt init_from=<model> adapt.data=<the drawn tiles>` in a fresh MLflow store; the
+adapted model is scored on the evaluation half at its own threshold, beside the start model (level 0).
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import os
+import random
+import subprocess
+import sys
+import tempfile
+import time
+from collections import defaultdict
+from pathlib import Path
+
+from _bench import REPO, environment, write_json
+from bench_transfer import class_dirs_of, score
+from crackclf.inference.predictor import Predictor
+from crackclf.utils import cpu_model
+
+
+def photos_of(folder: Path, class_dirs: tuple[str, str]) -> dict[str, list[tuple[str, int]]]:
+    """parent photo → its tiles (relative path, label 0/1), from the folder's MANIFEST.csv."""
+    manifest = folder / "MANIFEST.csv"
+    if not manifest.is_file():
+        raise SystemExit(f"{folder}: no MANIFEST.csv with relpath and parent columns (the photo of each tile); the "
+                         "curve must keep each photo on one side")
+    photos: dict[str, list[tuple[str, int]]] = defaultdict(list)
+    with open(manifest, newline="") as handle:
+        for row in csv.DictReader(handle):
+            top = Path(row["relpath"]).parts[0]
+            if top in class_dirs:
+                photos[row["parent"]].append((row["relpath"], class_dirs.index(top)))
+    return dict(photos)
+
+
+def draw(pool: list[str], photos: dict[str, list[tuple[str, int]]], per_class: int) -> list[str]:
+    """Photos from ``pool`` (already in a random order) until both classes have ``per_class`` tiles."""
+    chosen, counts = [], [0, 0]
+    for photo in pool:
+        if min(counts) >= per_class:
+            break
+        chosen.append(photo)
+        for _, label in photos[photo]:
+            counts[label] += 1
+    return chosen
+
+
+def link_folder(target: Path, source: Path, photos: dict[str, list[tuple[str, int]]], chosen: list[str]) -> None:
+    """A labelled folder of symlinks to the chosen photos' tiles, with its own MANIFEST.csv (relpath, parent)."""
+    target.mkdir(parents=True)
+    with open(target / "MANIFEST.csv", "w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["relpath", "parent"])
+        for photo in chosen:
+            for relpath, _ in photos[photo]:
+                (target / relpath).parent.mkdir(parents=True, exist_ok=True)
+                os.symlink(source / relpath, target / relpath)
+                writer.writerow([relpath, photo])
+
+
+def adapt(model: str, data: Path, work: Path, replay: Path | None, extra: list[str]) -> tuple[Path, float]:
+    """One `make adapt` run; returns the adapted best.ckpt and the run's wall time."""
+    env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{work / 'mlflow.db'}"}
+    command = [sys.executable, str(REPO / "train.py"), "experiment=adapt", f"init_from={model}",
+               f"adapt.data={data}", f"hydra.run.dir={work / 'run'}", *extra]
+    if replay is not None:
+        command.append(f"adapt.replay={replay}")
+    started = time.perf_counter()
+    result = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True)
+    wall = time.perf_counter() - started
+    if result.returncode != 0:
+        raise SystemExit(f"adaptation failed ({result.returncode}): {' '.join(command)}\n{result.stderr[-4000:]}")
+    return work / "run" / "checkpoints" / "best.ckpt", wall
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", required=True, help="the model to adapt: a .ckpt, runs:/<id> or models:/…")
+    parser.add_argument("--surfaces", type=Path, nargs="+", required=True)
+    parser.add_argument("--tiles", type=int, nargs="+", default=[0, 10, 25, 50], help="labelled tiles per class")
+    parser.add_argument("--replay", type=Path, default=None, help="the original data set (default: adapt.replay)")
+    parser.add_argument("--seed", type=int, default=0, help="the draw of evaluation photos and labelled photos")
+    parser.add_argument("--out", type=Path, default=None)
+    parser.add_argument("overrides", nargs="*", help="extra train.py overrides for the adaptation runs")
+    args = parser.parse_args()
+    start = Predictor.load(args.model)
+    rows = []
+    print(f"CPU: {cpu_model()}\nmodel {args.model} (threshold {start.threshold:.3f})")
+    print(f"  {'surface':<14} {'tiles/class':>11} {'photos':>6} {'used (neg/pos)':>14} {'bal.acc':>7} {'AUROC':>6} "
+          f"{'recall':>7} {'false+':>7} {'adapt s':>7}")
+    for surface in args.surfaces:
+        class_dirs = class_dirs_of(surface, None)
+        photos = photos_of(surface, class_dirs)
+        order = sorted(photos)
+        random.Random(args.seed).shuffle(order)
+        evaluation, pool = order[: len(order) // 2], order[len(order) // 2:]
+        scored = [(surface / relpath, label) for photo in evaluation for relpath, label in photos[photo]]
+        for per_class in args.tiles:
+            chosen = draw(pool, photos, per_class) if per_class else []
+            used = [sum(1 for photo in chosen for _, label in photos[photo] if label == k) for k in (0, 1)]
+            wall = 0.0
+            with tempfile.TemporaryDirectory(prefix="crackclf-adapt-") as tmp:
+                predictor = start
+                if chosen:
+                    link_folder(Path(tmp) / "data", surface, photos, chosen)
+                    checkpoint, wall = adapt(args.model, Path(tmp) / "data", Path(tmp), args.replay, args.overrides)
+                    predictor = Predictor.load(checkpoint)
+                metrics = score(predictor, scored)
+            rows.append({"surface": surface.name, "tiles_per_class": per_class, "photos": len(chosen),
+                         "used_negative": used[0], "used_positive": used[1], "adapt_seconds": wall,
+                         "evaluation_photos": len(evaluation), **metrics})
+            print(f"  {surface.name:<14} {per_class:>11} {len(chosen):>6} {f'{used[0]}/{used[1]}':>14} "
+                  f"{metrics['balanced_acc']:>7.2%} {metrics['auroc']:>6.3f} {metrics['recall']:>7.2%} "
+                  f"{metrics['false_alarm_rate']:>7.2%} {wall:>7.1f}", flush=True)
+    if args.out:
+        write_json(args.out, {**environment(), "model": args.model, "results": rows})
+
+
+if __name__ == "__main__":
+    main()
