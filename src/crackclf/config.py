@@ -106,6 +106,7 @@ def validate(cfg: DictConfig) -> None:
     epochs = cfg.trainer.get("max_epochs")
     _require(epochs is None or (isinstance(epochs, int) and (epochs >= 1 or epochs == -1)),
              f"trainer.max_epochs={epochs!r} must be an integer >= 1.")
+    _check_sampler_kept(cfg.trainer)
     smoothing = _number(cfg, "model.label_smoothing")
     _require(0 <= smoothing < 0.5, f"model.label_smoothing={smoothing} must be in [0, 0.5).")
     stopping = OmegaConf.select(cfg, "callbacks.early_stopping")
@@ -126,6 +127,33 @@ def validate(cfg: DictConfig) -> None:
         normalise_pretrained(cfg.backbone.get("pretrained", "auto"))
     except BackboneError as error:
         raise ConfigError(str(error)) from None
+
+
+def _several_devices(devices: object) -> bool:
+    """Whether a Trainer ``devices`` value asks for more than one process (``-1``: every GPU; ``"0,1"``: two)."""
+    if isinstance(devices, (list, tuple)) or OmegaConf.is_list(devices):
+        return len(devices) > 1
+    text = str(devices).strip()
+    if text.lstrip("-").isdigit():
+        return int(text) > 1 or int(text) == -1
+    return "," in text.strip(",")  # "auto" is one device on CPU; a multi-GPU "auto" needs a ddp strategy (below)
+
+
+def _check_sampler_kept(trainer: DictConfig) -> None:
+    """Refuse a multi-process trainer that lets Lightning replace the datamodule's sampler.
+
+    The datamodule shards its own whole-batch, resume-exact, focusable sampler per rank; Lightning's distributed
+    sampler replacement cannot rebuild it, so such a run would lose those guarantees (or fail inside Lightning).
+    """
+    replaced = trainer.get("use_distributed_sampler", True)  # Lightning's default is true
+    devices, strategy = trainer.get("devices", 1), str(trainer.get("strategy", "auto") or "auto")
+    distributed = _several_devices(devices) or "ddp" in strategy.lower()
+    _require(not (replaced and distributed), (
+        f"trainer.use_distributed_sampler={str(replaced).lower()} with trainer.devices={devices} and "
+        f"trainer.strategy={strategy}: Lightning would replace the datamodule's own per-rank sampler (resume-exact "
+        "batches, hard-example focus). Set trainer.use_distributed_sampler=false, or use trainer=ddp or "
+        "trainer=cpu_ddp, which set it."
+    ))
 
 
 def _check_data_folder(root: Path, class_dirs: list[str], key: str) -> None:
