@@ -96,7 +96,10 @@ def validate(cfg: DictConfig) -> None:
     _require(max_per_class is None or (isinstance(max_per_class, int) and max_per_class >= 10),
              f"data.max_per_class={max_per_class!r} must be null (all images) or an integer >= 10.")
     _require(len(data.class_dirs) == 2, f"data.class_dirs={list(data.class_dirs)} must name exactly two folders.")
-    if data.get("root") is not None:
+    sources = data.get("sources")
+    if sources is not None:
+        _check_sources(data, sources)
+    elif data.get("root") is not None:
         _check_data_folder(Path(str(data.root)), list(data.class_dirs), "data.root")
     if data.get("test_root") is not None:
         _check_data_folder(Path(str(data.test_root)), list(data.class_dirs), "data.test_root")
@@ -127,6 +130,28 @@ def validate(cfg: DictConfig) -> None:
         normalise_pretrained(cfg.backbone.get("pretrained", "auto"))
     except BackboneError as error:
         raise ConfigError(str(error)) from None
+
+
+def _check_sources(data: DictConfig, sources: object) -> None:
+    """``data.sources``: a list of folders (or mappings) that exist and have their class folders; no ``data.root``,
+    ``data.split_file`` or ``data.test_root`` beside it (each source is split by itself)."""
+    from crackclf.data.prepare import parse_sources
+    from crackclf.errors import UsageError
+
+    _require(OmegaConf.is_list(sources) or isinstance(sources, list), (
+        f"data.sources={sources!r} must be a list, e.g. 'data.sources=[{{root: /data/a}}, {{root: /data/b}}]'."))
+    for key in ("root", "split_file", "test_root"):
+        _require(data.get(key) is None, (
+            f"data.{key}={data.get(key)} and data.sources are both set: with data.sources every folder is listed "
+            f"there and split by itself. Unset data.{key} (data.{key}=null) or data.sources."))
+    entries = OmegaConf.to_container(sources, resolve=True) if OmegaConf.is_list(sources) else sources
+    try:
+        parsed = parse_sources(entries, list(data.class_dirs))
+    except UsageError as error:
+        raise ConfigError(str(error)) from None
+    for index, source in enumerate(parsed):
+        if source.root is not None:  # None: the reference data set, downloaded
+            _check_data_folder(source.root, list(source.class_dirs), f"data.sources[{index}].root")
 
 
 def _several_devices(devices: object) -> bool:

@@ -20,8 +20,9 @@ from crackclf.data import inventory as inv
 from crackclf.data.augment import BatchAugment
 from crackclf.data.cache import build_cache
 from crackclf.data.datasets import CachedBatches, DataError, FileImages
-from crackclf.data.prepare import PreparedData, SplitSettings, prepare_rows
-from crackclf.data.samplers import EpochBatchSampler, EpochShuffle, FocusableOrder
+from crackclf.data.prepare import DataSource, PreparedData, SplitSettings, parse_sources, prepare_rows, prepare_sources
+from crackclf.data.samplers import EpochBatchSampler, EpochShuffle, FocusableOrder, WeightedEpochDraw
+from crackclf.data.shifted import SHIFTED_DUPLICATE_BITS
 from crackclf.data.split import SPLITS, SplitRow, SplitSummary
 
 __all__ = ["CrackDataModule", "DataError"]
@@ -47,6 +48,10 @@ class CrackDataModule(pl.LightningDataModule):
         cache_dir: where inventories, splits and image caches are stored.
         download_dir: where the reference data set is downloaded to when ``root`` is ``None``.
         near_duplicate_bits: perceptual-hash distance that joins near-duplicates (``None``: exact copies only).
+        shifted_duplicate_bits: window-hash distance that joins shifted copies (:mod:`crackclf.data.shifted`;
+            ``None``: not searched; also off when ``near_duplicate_bits`` is ``None``).
+        sources: several labelled folders instead of ``root`` (:func:`crackclf.data.prepare.parse_sources`): each
+            split by itself, mixed in training by their ``weight``, scored per source.
         min_per_class: refuse to train when a class has fewer readable training images.
         augment: the batch augmentation for training (``None``: none).
         gpu_cache: with CUDA, keep the cache on the GPU and build/augment batches there.
@@ -70,6 +75,8 @@ class CrackDataModule(pl.LightningDataModule):
         cache_dir: str = ".cache/crackclf",
         download_dir: str = "data",
         near_duplicate_bits: int | None = inv.NEAR_DUPLICATE_BITS,
+        shifted_duplicate_bits: int | None = SHIFTED_DUPLICATE_BITS,
+        sources: list | None = None,
         min_per_class: int = 10,
         augment: BatchAugment | None = None,
         gpu_cache: bool = True,
@@ -83,6 +90,8 @@ class CrackDataModule(pl.LightningDataModule):
         self.seed, self.split_file, self.test_root = seed, split_file, Path(test_root).resolve() if test_root else None
         self.cache, self.cache_dir, self.download_dir = cache, Path(cache_dir), Path(download_dir)
         self.near_duplicate_bits, self.min_per_class = near_duplicate_bits, min_per_class
+        self.shifted_duplicate_bits = shifted_duplicate_bits
+        self.sources: tuple[DataSource, ...] = parse_sources(sources, self.class_dirs) if sources is not None else ()
         self.augment, self.gpu_cache, self.progress = augment, gpu_cache, progress
         self.prepared: PreparedData | None = None  # the rows and what preparing them found (prepare())
         self._datasets: dict[str, Dataset] = {}
@@ -101,17 +110,25 @@ class CrackDataModule(pl.LightningDataModule):
         starts building the image caches in the background; :meth:`setup` waits for them."""
         if self.prepared is not None:
             return
-        if self.root is None:
+        if self.root is None and not self.sources or any(source.root is None for source in self.sources):
             from crackclf.data.download import ensure_dataset
 
-            self.root = ensure_dataset(self.download_dir)
+            reference = ensure_dataset(self.download_dir)
+            self.root = self.root or reference
+            self.sources = tuple(DataSource(s.name, s.root or reference, s.class_dirs, s.weight) for s in self.sources)
         settings = SplitSettings(
             class_dirs=self.class_dirs, class_names=self.class_names, val_fraction=self.val_fraction,
             test_fraction=self.test_fraction, max_per_class=self.max_per_class, seed=self.seed,
             split_file=self.split_file, test_root=self.test_root, cache_dir=self.cache_dir,
-            near_duplicate_bits=self.near_duplicate_bits, min_per_class=self.min_per_class, progress=self.progress)
+            near_duplicate_bits=self.near_duplicate_bits, shifted_duplicate_bits=self.shifted_duplicate_bits,
+            min_per_class=self.min_per_class, progress=self.progress)
         # Only rank zero reports; a DDP rank skips the verify report's near-duplicate search.
-        self.prepared = prepare_rows(self.root, settings, report=rank_zero_only.rank == 0)
+        report = rank_zero_only.rank == 0
+        if self.sources:
+            self.prepared = prepare_sources(self.sources, settings, report=report)
+            self.root = self.prepared.root
+        else:
+            self.prepared = prepare_rows(self.root, settings, report=report)
         if prefetch_cache and self.cache and rank_zero_only.rank == 0:
             # Decode into the caches in the background (worker processes): the run meanwhile builds the model,
             # opens its MLflow run and starts its other DDP processes, which would otherwise leave cores idle.
@@ -184,12 +201,15 @@ class CrackDataModule(pl.LightningDataModule):
             # sampler replacement cannot rebuild the whole-batch sampler of the cached path, so we shard here.
             shard = DistributedSampler(dataset, self.trainer.world_size, self.trainer.global_rank, shuffle=shuffle,
                                        seed=self.seed)
-        drop_last = shuffle and len(shard if shard is not None else dataset) > self.batch_size
         base = shard if shard is not None else (
             EpochShuffle(len(dataset), self.seed) if shuffle else SequentialSampler(dataset))
         if split == "train":
             rank, world = (self.trainer.global_rank, self.trainer.world_size) if shard is not None else (0, 1)
+            weights = self._row_weights("train")
+            if weights is not None:  # sources of different weights: drawn, not permuted
+                base = WeightedEpochDraw(weights, self.seed, rank, world)
             base = FocusableOrder(base, rank, world, lambda: self._train_order)
+        drop_last = shuffle and len(base) > self.batch_size
         sampler = EpochBatchSampler(base, self.batch_size, drop_last=drop_last)
         if split == "train":
             sampler.resume_at = self._resume_at
@@ -200,6 +220,31 @@ class CrackDataModule(pl.LightningDataModule):
             return DataLoader(dataset, sampler=sampler, batch_size=None, num_workers=0, generator=generator)
         return DataLoader(dataset, batch_sampler=sampler, generator=generator, num_workers=self.num_workers,
                           persistent_workers=self.num_workers > 0)
+
+    def _row_weights(self, split: str) -> torch.Tensor | None:
+        """Each row's source weight, or ``None`` when every row weighs the same (a uniform permutation)."""
+        weight_of = {source.name: source.weight for source in self.sources}
+        if len(set(weight_of.values())) < 2:
+            return None
+        return torch.tensor([weight_of[row.source] for row in self.rows_of(split)], dtype=torch.float64)
+
+    # ------------------------------------------------------------------------------------------- per-source scores
+    @property
+    def source_names(self) -> tuple[str, ...]:
+        """The sources' names in a multi-source run (``data.sources``); empty for a single folder."""
+        return tuple(source.name for source in self.sources)
+
+    def gathered_rows(self, split: str) -> np.ndarray:
+        """Row number (in :meth:`rows_of`) of each prediction of an evaluation pass over ``split``, in the order the
+        model gathers them: one process, the rows in order; DDP, rank after rank, each rank's DistributedSampler
+        shard (every ``world``-th row of the list padded by repeating its start)."""
+        count = len(self.rows_of(split))
+        world = self.trainer.world_size if self.trainer is not None else 1
+        if world <= 1:
+            return np.arange(count)
+        per_rank = -(-count // world)
+        ranks, steps = np.divmod(np.arange(per_rank * world), per_rank)
+        return (ranks + steps * world) % count
 
     def state_dict(self) -> dict:
         """Where training is in the data — (epoch, batches trained in it) — stored in every checkpoint."""
@@ -224,7 +269,8 @@ class CrackDataModule(pl.LightningDataModule):
 
     @property
     def train_draws_per_epoch(self) -> int:
-        """Rows one epoch draws over all ranks (DistributedSampler pads every shard to the same length)."""
+        """Rows one epoch draws over all ranks (DistributedSampler pads every shard to the same length; a weighted
+        draw has that length too)."""
         world = self.trainer.world_size if self.trainer is not None else 1
         return world * -(-self.train_rows_count // world)
 

@@ -14,7 +14,7 @@ from collections.abc import Callable
 import torch
 from torch.utils.data import BatchSampler, Sampler
 
-__all__ = ["EpochBatchSampler", "EpochShuffle", "FocusableOrder"]
+__all__ = ["EpochBatchSampler", "EpochShuffle", "FocusableOrder", "WeightedEpochDraw"]
 
 
 class EpochShuffle(Sampler[int]):
@@ -34,6 +34,28 @@ class EpochShuffle(Sampler[int]):
 
     def __len__(self) -> int:
         return self.size
+
+
+class WeightedEpochDraw(Sampler[int]):
+    """This rank's share of an epoch drawn with replacement, each row in proportion to its weight (a data source's
+    ``weight``), from (seed, epoch) only: every rank draws the same global order of ``world × ⌈N / world⌉`` rows
+    and takes every ``world``-th from ``rank`` (the length DistributedSampler's shards have)."""
+
+    def __init__(self, weights: torch.Tensor, seed: int, rank: int = 0, world: int = 1) -> None:
+        self.weights, self.seed, self.rank, self.world, self.epoch = weights.double(), seed, rank, world, 0
+        self.length = -(-len(weights) // world)
+
+    def set_epoch(self, epoch: int) -> None:
+        """Draw the next iteration's order for ``epoch``."""
+        self.epoch = epoch
+
+    def __iter__(self):
+        generator = torch.Generator().manual_seed(self.seed + self.epoch)
+        order = torch.multinomial(self.weights, self.length * self.world, replacement=True, generator=generator)
+        return iter(order[self.rank :: self.world].tolist())
+
+    def __len__(self) -> int:
+        return self.length
 
 
 class EpochBatchSampler(BatchSampler):
