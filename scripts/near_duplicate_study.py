@@ -99,7 +99,7 @@ def main() -> int:
           "largest_group(class)  cross_class_pairs")
     for threshold in range(0, args.max_bits + 1, 2):
         within = distances <= threshold
-        assignment = group_records(records, threshold)
+        assignment = group_records(records, threshold, shift_bits=None)  # the perceptual hash alone
         groups = Counter(assignment)
         largest_id, largest = groups.most_common(1)[0]
         members = [labels[i] for i, g in enumerate(assignment) if g == largest_id]

@@ -100,7 +100,10 @@ def validate(cfg: DictConfig) -> None:
     _require(max_per_class is None or (isinstance(max_per_class, int) and max_per_class >= 10),
              f"data.max_per_class={max_per_class!r} must be null (all images) or an integer >= 10.")
     _require(len(data.class_dirs) == 2, f"data.class_dirs={list(data.class_dirs)} must name exactly two folders.")
-    if data.get("root") is not None:
+    sources = data.get("sources")
+    if sources is not None:
+        _check_sources(data, sources)
+    elif data.get("root") is not None:
         _check_data_folder(Path(str(data.root)), list(data.class_dirs), "data.root")
     if data.get("test_root") is not None:
         _check_data_folder(Path(str(data.test_root)), list(data.class_dirs), "data.test_root")
@@ -115,6 +118,7 @@ def validate(cfg: DictConfig) -> None:
     epochs = cfg.trainer.get("max_epochs")
     _require(epochs is None or (isinstance(epochs, int) and (epochs >= 1 or epochs == -1)),
              f"trainer.max_epochs={epochs!r} must be an integer >= 1.")
+    _check_sampler_kept(cfg.trainer)
     smoothing = _number(cfg, "model.label_smoothing")
     _require(0 <= smoothing < 0.5, f"model.label_smoothing={smoothing} must be in [0, 0.5).")
     stopping = OmegaConf.select(cfg, "callbacks.early_stopping")
@@ -135,6 +139,55 @@ def validate(cfg: DictConfig) -> None:
         normalise_pretrained(cfg.backbone.get("pretrained", "auto"))
     except BackboneError as error:
         raise ConfigError(str(error)) from None
+
+
+def _check_sources(data: DictConfig, sources: object) -> None:
+    """``data.sources``: a list of folders (or mappings) that exist and have their class folders; no ``data.root``,
+    ``data.split_file`` or ``data.test_root`` beside it (each source is split by itself)."""
+    from crackclf.data.prepare import parse_sources
+    from crackclf.errors import UsageError
+
+    _require(OmegaConf.is_list(sources) or isinstance(sources, list), (
+        f"data.sources={sources!r} must be a list, e.g. 'data.sources=[{{root: /data/a}}, {{root: /data/b}}]'."))
+    for key in ("root", "split_file", "test_root"):
+        _require(data.get(key) is None, (
+            f"data.{key}={data.get(key)} and data.sources are both set: with data.sources every folder is listed "
+            f"there and split by itself. Unset data.{key} (data.{key}=null) or data.sources."))
+    entries = OmegaConf.to_container(sources, resolve=True) if OmegaConf.is_list(sources) else sources
+    try:
+        parsed = parse_sources(entries, list(data.class_dirs))
+    except UsageError as error:
+        raise ConfigError(str(error)) from None
+    for index, source in enumerate(parsed):
+        if source.root is not None:  # None: the reference data set, downloaded
+            _check_data_folder(source.root, list(source.class_dirs), f"data.sources[{index}].root")
+
+
+def _several_devices(devices: object) -> bool:
+    """Whether a Trainer ``devices`` value asks for more than one process (``-1``: every GPU; ``"0,1"``: two)."""
+    if isinstance(devices, (list, tuple)) or OmegaConf.is_list(devices):
+        return len(devices) > 1
+    text = str(devices).strip()
+    if text.lstrip("-").isdigit():
+        return int(text) > 1 or int(text) == -1
+    return "," in text.strip(",")  # "auto" is one device on CPU; a multi-GPU "auto" needs a ddp strategy (below)
+
+
+def _check_sampler_kept(trainer: DictConfig) -> None:
+    """Refuse a multi-process trainer that lets Lightning replace the datamodule's sampler.
+
+    The datamodule shards its own whole-batch, resume-exact, focusable sampler per rank; Lightning's distributed
+    sampler replacement cannot rebuild it, so such a run would lose those guarantees (or fail inside Lightning).
+    """
+    replaced = trainer.get("use_distributed_sampler", True)  # Lightning's default is true
+    devices, strategy = trainer.get("devices", 1), str(trainer.get("strategy", "auto") or "auto")
+    distributed = _several_devices(devices) or "ddp" in strategy.lower()
+    _require(not (replaced and distributed), (
+        f"trainer.use_distributed_sampler={str(replaced).lower()} with trainer.devices={devices} and "
+        f"trainer.strategy={strategy}: Lightning would replace the datamodule's own per-rank sampler (resume-exact "
+        "batches, hard-example focus). Set trainer.use_distributed_sampler=false, or use trainer=ddp or "
+        "trainer=cpu_ddp, which set it."
+    ))
 
 
 def _check_data_folder(root: Path, class_dirs: list[str], key: str) -> None:

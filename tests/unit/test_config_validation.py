@@ -64,11 +64,35 @@ def compose_cfg(*overrides: str):
     ("model.label_smoothing=0.9", "model.label_smoothing=0.9 must be in [0, 0.5)"),
     ("data.root=/nonexistent", "data.root=/nonexistent is not a folder"),
     ("backbone.name=resnet_nope", "backbone.name='resnet_nope' is not a timm model. Close matches:"),
+    ("trainer.devices=2", "trainer.use_distributed_sampler=true with trainer.devices=2 and trainer.strategy=auto"),
+    ("+trainer.strategy=ddp", "Set trainer.use_distributed_sampler=false, or use trainer=ddp or trainer=cpu_ddp"),
+    ("data.sources=[/nonexistent]", "data.sources[0].root=/nonexistent is not a folder"),
+    ("data.sources=[{root: null, colour: red}]", "data.sources[0] has unknown key(s) ['colour']"),
+    ("data.sources=[{root: null, weight: 0}]", "data.sources[0].weight=0 must be a number > 0"),
+    ("data.sources=[{root: null, name: 'a b'}]", "source name 'a b' may hold only letters"),
+    ("data.sources=[{root: null}, {root: null}]", "the name(s) ['concrete_crack'] are used twice"),
+    ("data.sources=[]", "data.sources=[] is empty"),
 ])
 def test_out_of_range_values_are_refused_by_validate(override, expected):
     with pytest.raises(ConfigError) as caught:
         validate(compose_cfg(override))
     assert expected in str(caught.value) and "\n" not in str(caught.value)
+
+
+def test_data_sources_beside_data_root_is_refused(tmp_path):
+    with pytest.raises(ConfigError, match="data.root=.* and data.sources are both set"):
+        validate(compose_cfg(f"data.root={tmp_path}", "data.sources=[{root: null}]"))
+    validate(compose_cfg("data=multi_source", "data.sources.1.root=null", "data.sources.1.class_dirs=null"))
+
+
+@pytest.mark.parametrize("overrides", [
+    ["trainer=ddp", "trainer.accelerator=cpu", "trainer.devices=2"],
+    ["trainer=cpu_ddp", "trainer.devices=2"],
+    ["trainer.devices=1"],
+    ["trainer.devices=2", "+trainer.use_distributed_sampler=false"],
+])
+def test_multi_device_trainers_that_keep_the_datamodules_sampler_pass(overrides):
+    validate(compose_cfg(*overrides))
 
 
 def train(tmp_path, *args: str, env: dict | None = None) -> tuple[subprocess.CompletedProcess, float]:

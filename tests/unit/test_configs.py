@@ -44,7 +44,9 @@ def test_every_group_has_choices(group):
 
 @pytest.mark.parametrize("group,choice", [(g, c) for g in OBJECT_GROUPS for c in choices(g)])
 def test_each_choice_composes_and_instantiates(group, choice, tiny_dataset, tmp_path, mlflow_uri):
-    overrides = [f"{group}={choice}", f"data.root={tiny_dataset}"]
+    # A multi-source config lists its folders in data.sources (data.root beside it is refused).
+    data = f"data.sources=[{{root: {tiny_dataset}}}]" if choice == "multi_source" else f"data.root={tiny_dataset}"
+    overrides = [f"{group}={choice}", data]
     if group == "backbone":
         overrides.append("backbone.pretrained=false")  # no hub probe in a unit test
     cfg = resolved(compose_train(overrides), tmp_path)

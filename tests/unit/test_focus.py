@@ -97,11 +97,11 @@ def test_uniform_epochs_are_permutations(tiny_dataset, tmp_path, focus, permutat
 def test_each_rank_trains_on_its_own_share_of_the_drawn_order_in_the_epoch_it_was_drawn_for():
     from torch.utils.data import DistributedSampler
 
-    from crackclf.data.datamodule import _FocusableOrder
+    from crackclf.data.samplers import FocusableOrder
 
     rows = list(range(11))
     order = torch.tensor([5, 5, 3, 9, 0, 1, 1, 7, 2, 10, 4, 6])  # 12 draws: two shards of 6 (padded, as DDP does)
-    shards = [_FocusableOrder(DistributedSampler(rows, 2, rank, shuffle=True, seed=1), rank, 2, lambda: (3, order))
+    shards = [FocusableOrder(DistributedSampler(rows, 2, rank, shuffle=True, seed=1), rank, 2, lambda: (3, order))
               for rank in (0, 1)]
     for shard in shards:
         shard.set_epoch(3)

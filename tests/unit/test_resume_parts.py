@@ -13,7 +13,7 @@ from omegaconf import DictConfig
 from torch.utils.data import SequentialSampler
 
 from crackclf.config import ConfigError, register_resolvers
-from crackclf.data.datamodule import EpochShuffle, _EpochBatchSampler
+from crackclf.data.samplers import EpochBatchSampler, EpochShuffle
 from crackclf.tracking import mlflow as tracking
 from crackclf.tracking.logger import ResumableMLFlowLogger
 from crackclf.training.resume import LAST_CHECKPOINT, find_resume_point, lock_run, write_marker
@@ -114,31 +114,31 @@ def test_a_run_without_checkpoint_or_with_another_config_is_refused(tmp_path):
 
 
 # --------------------------------------------------------------------------------------------- data order
-def batches(sampler: _EpochBatchSampler, epoch: int) -> list[list[int]]:
+def batches(sampler: EpochBatchSampler, epoch: int) -> list[list[int]]:
     sampler.set_epoch(epoch)
     return list(sampler)
 
 
 def test_data_order_depends_only_on_seed_and_epoch():
-    first, second = (_EpochBatchSampler(EpochShuffle(50, seed=7), 8, drop_last=True) for _ in range(2))
+    first, second = (EpochBatchSampler(EpochShuffle(50, seed=7), 8, drop_last=True) for _ in range(2))
     assert batches(first, 3) == batches(second, 3)  # a fresh process sees the same epoch-3 order
     assert batches(first, 3) != batches(first, 4)
-    assert batches(_EpochBatchSampler(EpochShuffle(50, seed=8), 8, drop_last=True), 3) != batches(first, 3)
+    assert batches(EpochBatchSampler(EpochShuffle(50, seed=8), 8, drop_last=True), 3) != batches(first, 3)
     assert sorted(i for b in batches(first, 5) for i in b) == sorted(set(i for b in batches(first, 5) for i in b))
 
 
 def test_a_resumed_epoch_continues_with_the_batches_it_had_not_seen():
-    full = batches(_EpochBatchSampler(EpochShuffle(50, seed=7), 8, drop_last=True), 2)
-    resumed = _EpochBatchSampler(EpochShuffle(50, seed=7), 8, drop_last=True)
+    full = batches(EpochBatchSampler(EpochShuffle(50, seed=7), 8, drop_last=True), 2)
+    resumed = EpochBatchSampler(EpochShuffle(50, seed=7), 8, drop_last=True)
     resumed.resume_at = (2, 4)  # checkpoint: epoch 2, 4 batches trained
     assert list(resumed) == full[4:]  # before Lightning's set_epoch (the first iterator of a run) ...
     assert batches(resumed, 2) == full[4:]  # ... and after it
-    assert batches(resumed, 3) == batches(_EpochBatchSampler(EpochShuffle(50, seed=7), 8, drop_last=True), 3)
+    assert batches(resumed, 3) == batches(EpochBatchSampler(EpochShuffle(50, seed=7), 8, drop_last=True), 3)
 
-    finished = _EpochBatchSampler(EpochShuffle(50, seed=7), 8, drop_last=True)
+    finished = EpochBatchSampler(EpochShuffle(50, seed=7), 8, drop_last=True)
     finished.resume_at = (2, 6)  # all 6 batches of epoch 2 done: continue with epoch 3
-    assert list(finished) == batches(_EpochBatchSampler(EpochShuffle(50, seed=7), 8, drop_last=True), 3)
-    sequential = _EpochBatchSampler(SequentialSampler(range(10)), 4, drop_last=False)
+    assert list(finished) == batches(EpochBatchSampler(EpochShuffle(50, seed=7), 8, drop_last=True), 3)
+    sequential = EpochBatchSampler(SequentialSampler(range(10)), 4, drop_last=False)
     assert batches(sequential, 9) == [[0, 1, 2, 3], [4, 5, 6, 7], [8, 9]]
 
 

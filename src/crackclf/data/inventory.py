@@ -11,7 +11,7 @@ import hashlib
 import json
 from collections import Counter, defaultdict
 from concurrent.futures import ProcessPoolExecutor
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 import imagehash
@@ -19,7 +19,9 @@ import numpy as np
 from tqdm import tqdm
 
 from crackclf.data.images import ImageError, iter_image_files, open_image
-from crackclf.utils import TEXT_ERRORS, atomic_write_text, stable_hash, worker_count
+from crackclf.data.shifted import KEYS_PER_IMAGE, shift_keys
+from crackclf.errors import UsageError
+from crackclf.utils import TEXT_ERRORS, atomic_write, atomic_write_text, stable_hash, worker_count
 
 #: Two images whose 64-bit perceptual hashes (``imagehash.phash``) differ in at most this many bits are
 #: treated as near-duplicates: the largest threshold at which no pair crosses the classes and no group chained by
@@ -41,10 +43,16 @@ class FileRecord:
     height: int = 0
     mode: str = ""
     error: str = ""  # one-line reason when unreadable
+    #: Window hashes of the tolerant matcher (crackclf.data.shifted); stored beside the CSV, not in it.
+    shift: np.ndarray | None = field(default=None, repr=False, compare=False)
 
     @property
     def ok(self) -> bool:
         return not self.error
+
+
+#: The columns of a stored inventory (every field but ``shift``).
+CSV_FIELDS = tuple(f.name for f in fields(FileRecord) if f.name != "shift")
 
 
 @dataclass
@@ -90,7 +98,9 @@ def _scan_one(args: tuple[str, str, int]) -> FileRecord:
         image = open_image(path)
         record.width, record.height = image.size
         record.mode = image.info["source_mode"]
-        record.phash = str(imagehash.phash(image))
+        grey = image.convert("L")  # phash converts to grey first itself: once for both hashes
+        record.phash = str(imagehash.phash(grey))
+        record.shift = shift_keys(grey)
     except ImageError as error:
         record.error = error.reason
     except OSError as error:  # unreadable (permissions) or vanished between listing and reading
@@ -117,8 +127,13 @@ def scan(root: Path, class_dirs: tuple[str, ...], cache_dir: Path | None = None,
     stored = None
     if cache_dir is not None:
         stored = Path(cache_dir) / f"inventory-{_fingerprint(root, files)}.csv"
-        if stored.exists():
-            return Inventory(root, class_dirs, read_records(stored))
+        if stored.exists() and _keys_file(stored).exists():  # an inventory of an older version has no keys: rescan
+            records = read_records(stored)
+            keys = np.load(_keys_file(stored))
+            if len(keys) == len(records):
+                for record, row in zip(records, keys, strict=True):
+                    record.shift = row if record.ok else None
+                return Inventory(root, class_dirs, records)
     jobs = [(str(root), relative, label) for relative, label in files]
     workers = worker_count()
     if workers > 1 and len(jobs) > 64:
@@ -129,20 +144,61 @@ def scan(root: Path, class_dirs: tuple[str, ...], cache_dir: Path | None = None,
         records = [_scan_one(job) for job in tqdm(jobs, desc="hashing images", disable=not progress, unit="img")]
     inventory = Inventory(root, class_dirs, records)
     if stored is not None:
+        keys = np.zeros((len(records), KEYS_PER_IMAGE), dtype=np.uint64)
+        for row, record in enumerate(records):
+            if record.shift is not None:
+                keys[row] = record.shift
+        atomic_write(_keys_file(stored), lambda tmp: _save_array(tmp, keys))  # before the CSV that names it
         write_records(stored, records)
     return inventory
 
 
+def _save_array(path: Path, array: np.ndarray) -> None:
+    with open(path, "wb") as handle:  # np.save appends ".npy" to a bare temporary name
+        np.save(handle, array)
+
+
+def _keys_file(inventory_csv: Path) -> Path:
+    """The tolerant matcher's keys of a stored inventory, one row per record."""
+    return inventory_csv.with_suffix(".shift.npy")
+
+
+#: A labelled folder's optional description of its files (as in ``other_surfaces``): ``relpath`` and ``parent``.
+MANIFEST = "MANIFEST.csv"
+
+
+def read_parents(root: Path) -> dict[str, str] | None:
+    """Relative path → parent photo, from ``root/MANIFEST.csv`` where it has a ``parent`` column; ``None`` where
+    there is no manifest or it gives no parents (the split then groups by hashes alone).
+
+    Raises:
+        UsageError: the manifest has a ``parent`` column but no ``relpath`` (or ``path``) column to say whose.
+    """
+    manifest = Path(root) / MANIFEST
+    if not manifest.is_file():
+        return None
+    with open(manifest, newline="", encoding="utf-8", errors=TEXT_ERRORS) as handle:
+        reader = csv.DictReader(handle)
+        columns = set(reader.fieldnames or [])
+        if "parent" not in columns:
+            return None
+        path_column = next((c for c in ("relpath", "path") if c in columns), None)
+        if path_column is None:
+            raise UsageError(f"{manifest} has a parent column but no relpath column naming each file (relative to "
+                             f"{root}); add one, or remove the parent column to group by image hashes only.")
+        parents = {Path(row[path_column]).as_posix(): row["parent"] for row in reader if row.get("parent")}
+    return parents or None
+
+
 def write_records(path: Path, records: list[FileRecord]) -> None:
     """Write records as CSV, atomically."""
-    names = list(asdict(records[0]).keys()) if records else [f for f in FileRecord.__dataclass_fields__]
     import io
 
     buffer = io.StringIO()
-    writer = csv.DictWriter(buffer, fieldnames=names, lineterminator="\n")
+    writer = csv.DictWriter(buffer, fieldnames=CSV_FIELDS, lineterminator="\n")
     writer.writeheader()
     for record in records:
-        writer.writerow(asdict(record))
+        writer.writerow({name: getattr(record, name) for name in CSV_FIELDS})
     atomic_write_text(path, buffer.getvalue())
 
 

@@ -14,7 +14,10 @@ from collections import Counter, defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
+
 from crackclf.data.inventory import NEAR_DUPLICATE_BITS, FileRecord, near_duplicate_pairs, phash_array
+from crackclf.data.shifted import SHIFTED_DUPLICATE_BITS, shifted_pairs
 from crackclf.errors import UsageError
 from crackclf.utils import TEXT_ERRORS, atomic_write_text, stable_hash
 
@@ -24,11 +27,15 @@ SPLIT_COLUMNS = ("path", "label", "group", "split", "md5")
 
 @dataclass(frozen=True)
 class SplitRow:
+    """One image of a split: its path, label, duplicate group, split and MD5; ``source``: the data source's name in
+    a multi-source run (``data.sources``), empty otherwise."""
+
     path: str
     label: int
     group: int
     split: str
     md5: str
+    source: str = ""
 
 
 @dataclass
@@ -85,18 +92,31 @@ class _UnionFind:
             self.parent[max(root_a, root_b)] = min(root_a, root_b)
 
 
-def group_records(records: list[FileRecord], near_bits: int | None = NEAR_DUPLICATE_BITS) -> list[int]:
-    """Group index per record: exact duplicates always, near-duplicates when ``near_bits`` is not None."""
+def group_records(records: list[FileRecord], near_bits: int | None = NEAR_DUPLICATE_BITS,
+                  parents: dict[str, str] | None = None,
+                  shift_bits: int | None = SHIFTED_DUPLICATE_BITS) -> list[int]:
+    """Group index per record: exact duplicates always; near-duplicates when ``near_bits`` is not None, and then
+    also shifted copies of the same label (:mod:`crackclf.data.shifted`) when ``shift_bits`` is not None and every
+    record has its keys; the tiles of one parent photo when ``parents`` (record path → parent, from a
+    ``MANIFEST.csv``) is given."""
     union = _UnionFind(len(records))
-    first_by_md5: dict[str, int] = {}
+    first_by_key: dict[str, int] = {}
     for index, record in enumerate(records):
-        if record.md5 in first_by_md5:
-            union.union(first_by_md5[record.md5], index)
-        else:
-            first_by_md5[record.md5] = index
+        keys = [f"md5:{record.md5}"]
+        if parents and parents.get(record.path):
+            keys.append(f"parent:{parents[record.path]}")
+        for key in keys:
+            if key in first_by_key:
+                union.union(first_by_key[key], index)
+            else:
+                first_by_key[key] = index
     if near_bits is not None and records:
         for i, j in near_duplicate_pairs(phash_array(records), near_bits):
             union.union(int(i), int(j))
+        if shift_bits is not None and all(record.shift is not None for record in records):
+            keys = np.stack([record.shift for record in records])
+            for i, j in shifted_pairs(keys, shift_bits, np.array([record.label for record in records])):
+                union.union(int(i), int(j))
     roots = [union.find(i) for i in range(len(records))]
     # Number groups by first appearance so ids do not depend on union order.
     ids: dict[int, int] = {}
@@ -109,10 +129,16 @@ def make_split(
     test_fraction: float,
     seed: int,
     near_bits: int | None = NEAR_DUPLICATE_BITS,
+    parents: dict[str, str] | None = None,
+    shift_bits: int | None = SHIFTED_DUPLICATE_BITS,
 ) -> tuple[list[SplitRow], SplitSummary]:
-    """Assign every record to train/val/test; groups stay whole, each class is split in the same proportions."""
+    """Assign every record to train/val/test; groups stay whole, each class is split in the same proportions.
+
+    ``parents``: record path → parent photo (``MANIFEST.csv``); the tiles of one photo then form one group too.
+    ``shift_bits``: match distance of shifted copies (:func:`group_records`; ``None``: not searched).
+    """
     records = sorted(records, key=lambda r: r.path)
-    groups = group_records(records, near_bits)
+    groups = group_records(records, near_bits, parents, shift_bits)
     members: dict[int, list[int]] = defaultdict(list)
     for index, group in enumerate(groups):
         members[group].append(index)
@@ -139,20 +165,27 @@ def make_split(
     return rows, summarize(rows)
 
 
-def split_key(records: list[FileRecord], val_fraction: float, test_fraction: float, seed: int, near_bits) -> str:
+def split_key(records: list[FileRecord], val_fraction: float, test_fraction: float, seed: int, near_bits,
+              parents: dict[str, str] | None = None, shift_bits: int | None = SHIFTED_DUPLICATE_BITS) -> str:
     """Key of a split: the data's content plus every parameter that changes the assignment."""
     content = [(r.path, r.label, r.md5, r.phash) for r in sorted(records, key=lambda r: r.path)]
-    return stable_hash({"content": content, "val": val_fraction, "test": test_fraction, "seed": seed,
-                        "near_bits": near_bits, "version": 1})
+    key = {"content": content, "val": val_fraction, "test": test_fraction, "seed": seed, "near_bits": near_bits,
+           "version": 1}
+    if near_bits is not None and shift_bits is not None:  # splits made before the shifted matcher keep their key
+        key["shift_bits"] = shift_bits
+    if parents:  # only then: the key of a folder without a manifest stays what it was (its cached split is reused)
+        key["parents"] = sorted(parents.items())
+    return stable_hash(key)
 
 
 def write_split(path: Path, rows: list[SplitRow]) -> Path:
     """Write the split CSV atomically (so concurrent sweep jobs never read half a file)."""
     buffer = io.StringIO()
     writer = csv.writer(buffer, lineterminator="\n")
-    writer.writerow(SPLIT_COLUMNS)
+    sourced = any(row.source for row in rows)  # the source column only in multi-source splits
+    writer.writerow(SPLIT_COLUMNS + (("source",) if sourced else ()))
     for row in rows:
-        writer.writerow([row.path, row.label, row.group, row.split, row.md5])
+        writer.writerow([row.path, row.label, row.group, row.split, row.md5] + ([row.source] if sourced else []))
     return atomic_write_text(path, buffer.getvalue())
 
 
@@ -168,7 +201,7 @@ def read_split(path: Path) -> list[SplitRow]:
             if row["split"] not in SPLITS:
                 raise UsageError(f"split file {path}, line {line}: split {row['split']!r} is not one of {SPLITS}")
             rows.append(SplitRow(row["path"], int(row["label"]), int(row.get("group") or -1), row["split"],
-                                 row.get("md5", "")))
+                                 row.get("md5", ""), row.get("source") or ""))
     return rows
 
 

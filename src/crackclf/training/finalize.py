@@ -4,6 +4,7 @@ train–validation gap, as one typed :class:`FinalReport` that the bundle, MLflo
 from __future__ import annotations
 
 import logging
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -12,7 +13,7 @@ import torch
 
 from crackclf.bundle import BundleInfo, source_tile_size
 from crackclf.distributed import reduce_to_cpu
-from crackclf.metrics import accuracy, choose_threshold, confusion_matrix
+from crackclf.metrics import accuracy, balanced_accuracy, choose_threshold, confusion_matrix
 
 __all__ = ["FinalReport", "bundle_info", "finalize"]
 
@@ -33,12 +34,14 @@ class FinalReport:
     overfitting: bool
     test: dict[str, float] = field(default_factory=dict)  #: ``test/acc`` … (empty without a test split)
     test_confusion: np.ndarray | None = None
+    #: ``val/<source>/acc``, ``val/<source>/balanced_acc``, ``test/<source>/…`` of a multi-source run (else empty)
+    per_source: dict[str, float] = field(default_factory=dict)
 
     def results(self) -> dict[str, Any]:
         """The flat metrics ``train.run`` returns (and sweeps optimise)."""
         return {"epochs": self.epochs, "val/acc": self.val_acc, "val/loss": self.val_loss,
                 "threshold": self.threshold, "train/clean_acc": self.train_clean_acc,
-                "train_val_gap": self.train_val_gap, **self.test}
+                "train_val_gap": self.train_val_gap, **self.test, **self.per_source}
 
 
 def finalize(trainer: Any, model: Any, datamodule: Any, *, threshold_mode: str, target_recall: float,
@@ -60,11 +63,15 @@ def finalize(trainer: Any, model: Any, datamodule: Any, *, threshold_mode: str, 
     val_probabilities, val_labels = model.validation_probabilities()
     model.decision_threshold = choose_threshold(val_probabilities.numpy(), val_labels.numpy(), threshold_mode,
                                                 target_recall)
+    # Per source like the overall metrics: validation at 0.5 (as val/acc), test at the chosen threshold.
+    per_source = per_source_metrics(datamodule, "val", val_probabilities.numpy(), val_labels.numpy(), 0.5)
     test_results = trainer.test(model, datamodule=datamodule, verbose=False)[0] if datamodule.rows_of("test") else {}
     test_confusion = None
     if test_results:
         probabilities, labels = model.test_probabilities()
         test_confusion = confusion_matrix(probabilities.numpy(), labels.numpy(), model.decision_threshold)
+        per_source |= per_source_metrics(datamodule, "test", probabilities.numpy(), labels.numpy(),
+                                         model.decision_threshold)
 
     # The generalisation gap of the deployed weights: a sample of the training split as large as validation,
     # unaugmented, against validation, both at 0.5 like val/acc. (The per-epoch train/gap compares accuracy on
@@ -80,7 +87,34 @@ def finalize(trainer: Any, model: Any, datamodule: Any, *, threshold_mode: str, 
     return FinalReport(epochs=trainer.current_epoch, best_checkpoint=best_path, threshold=model.decision_threshold,
                        val_acc=val_acc, val_loss=float(val_results["val/loss"]), train_clean_acc=train_accuracy,
                        train_val_gap=gap, overfitting=overfitting,
-                       test={k: float(v) for k, v in test_results.items()}, test_confusion=test_confusion)
+                       test={k: float(v) for k, v in test_results.items()}, test_confusion=test_confusion,
+                       per_source=per_source)
+
+
+def per_source_metrics(datamodule: Any, split: str, probabilities: np.ndarray, labels: np.ndarray,
+                       threshold: float) -> dict[str, float]:
+    """``<split>/<source>/acc`` and ``<split>/<source>/balanced_acc`` of each source of a multi-source run, from
+    the pass's probabilities (gathered over the DDP ranks, in the order ``datamodule.gathered_rows`` gives); empty
+    for a single-folder run. Rows that DDP padding evaluated twice count once."""
+    names = datamodule.source_names
+    if not names or not len(probabilities):
+        return {}
+    rows = datamodule.gathered_rows(split)
+    rows, first = np.unique(rows, return_index=True)  # padding repeats a shard's first rows: keep one of each
+    probabilities, labels = probabilities[first], labels[first]
+    split_rows = datamodule.rows_of(split)
+    sources = np.array([split_rows[row].source for row in rows])
+    metrics: dict[str, float] = {}
+    for name in names:
+        chosen = sources == name
+        if not chosen.any():
+            continue
+        matrix = confusion_matrix(probabilities[chosen], labels[chosen], threshold)
+        metrics[f"{split}/{name}/acc"] = accuracy(matrix)
+        balanced = balanced_accuracy(matrix)
+        if not math.isnan(balanced):  # undefined where the source's split holds one class only
+            metrics[f"{split}/{name}/balanced_acc"] = balanced
+    return metrics
 
 
 def bundle_info(cfg: Any, model: Any, datamodule: Any, threshold: float, run_id: str | None) -> BundleInfo:

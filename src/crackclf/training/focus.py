@@ -25,6 +25,7 @@ import torch
 
 from crackclf.distributed import gather_to_cpu, reduce_to_cpu
 from crackclf.errors import UsageError
+from crackclf.training.contracts import TrainingData, training_data
 
 log = logging.getLogger(__name__)
 
@@ -88,13 +89,15 @@ class HardExampleFocus(pl.Callback):
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self.weight and self._order is not None:
-            trainer.datamodule.set_train_order(self._order[1], epoch=self._order[0])
+            training_data(trainer, "callbacks.hard_example_focus").set_train_order(self._order[1],
+                                                                                   epoch=self._order[0])
 
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs, batch,
                            batch_idx: int) -> None:
         if not self.weight:
             return
-        rows, losses = trainer.datamodule.last_train_rows, pl_module.last_sample_losses
+        rows, losses = training_data(trainer, "callbacks.hard_example_focus").last_train_rows, \
+            pl_module.last_sample_losses
         if rows is not None and losses is not None and len(rows) == len(losses):
             self._rows.append(rows.cpu())
             self._values.append(losses.float())  # stays on the device until the next epoch: no sync per step
@@ -111,7 +114,7 @@ class HardExampleFocus(pl.Callback):
     def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if not self.weight:
             return
-        datamodule = trainer.datamodule
+        datamodule: TrainingData = training_data(trainer, "callbacks.hard_example_focus")
         size = datamodule.train_rows_count
         if self.losses is None or len(self.losses) != size:
             self.losses = torch.full((size,), float("nan"))

@@ -141,7 +141,8 @@ class TrainingRun:
             return
         cfg, run_id = self.cfg, self.run_id
         tracking.log_metrics(run_id, {"threshold": report.threshold, "epochs_run": report.epochs,
-                                      "train/clean_acc": report.train_clean_acc, "train_val_gap": report.train_val_gap})
+                                      "train/clean_acc": report.train_clean_acc, "train_val_gap": report.train_val_gap,
+                                      **report.per_source})
         tracking.set_tags(run_id, {"overfitting": str(report.overfitting).lower(),
                                    "threshold_mode": cfg.threshold.mode})
         tracking.log_artifact(run_id, plot_curves(history, self.output_dir / "curves.png", title=cfg.backbone.name),

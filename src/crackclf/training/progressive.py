@@ -14,6 +14,7 @@ import logging
 import pytorch_lightning as pl
 
 from crackclf.errors import UsageError
+from crackclf.training.contracts import TrainingData, training_data
 
 log = logging.getLogger(__name__)
 
@@ -34,7 +35,7 @@ class ProgressiveResize(pl.Callback):
         self.size, self.epochs = int(size), int(epochs)
 
     def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        datamodule = trainer.datamodule
+        datamodule: TrainingData = training_data(trainer, "callbacks.progressive_resize")
         full = int(datamodule.image_size)
         if self.size >= full:  # e.g. a quick run at data.image_size=32: nothing to shrink
             if trainer.current_epoch == 0 and self.epochs:
