@@ -35,7 +35,7 @@ def write_model(folder: Path, image_size: int = 32, backbone: str = "resnet10t")
     if backbone == DEFAULT_BACKBONE:
         from crackclf.models.backbone import CrackNet, create_backbone
 
-        built = create_backbone(backbone, pretrained="true")
+        built = create_backbone(backbone, pretrained="true", num_classes=2)
         info = BundleInfo(backbone, image_size, built.mean, built.std, threshold=0.5, run_id=RUN_ID, tile_size=TILE,
                           pretrained_status=built.pretrained_status)
         network = CrackNet(built.model, built.mean, built.std)

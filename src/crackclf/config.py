@@ -295,7 +295,7 @@ def _check_key(cfg: DictConfig, key: str) -> None:
     for part in key.split("."):
         if not isinstance(node, DictConfig):
             return  # a list index or a value: Hydra checks these
-        if part not in node:
+        if part not in list(node.keys()):  # not `in node`: False for a key whose value is ??? (to be given)
             parent = ".".join(path) or "the top level"
             valid = sorted(str(k) for k in node)
             close = difflib.get_close_matches(part, valid, n=3, cutoff=0.6)

