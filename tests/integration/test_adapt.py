@@ -38,7 +38,8 @@ def test_make_adapt_starts_from_the_model_and_scores_each_source(tmp_path, mlflo
     adapted = runs[1]
     assert adapted.info.status == "FINISHED" and adapted.data.tags["init_from"] == str(model)
     metrics = adapted.data.metrics
-    for key in ("before/test/acc", "test/acc", "test/new/acc", "test/original/acc", "val/new/acc"):
+    for key in ("before/test/acc", "before/test/new/acc", "before/test/original/acc", "test/acc", "test/new/acc",
+                "test/original/acc", "val/new/acc"):
         assert key in metrics and 0.0 <= metrics[key] <= 1.0, key
     loaded = load_model(tmp_path / "adapted" / "checkpoints" / "best.ckpt")
     assert loaded.info.backbone == "tf_efficientnet_lite0" and loaded.info.image_size == 64

@@ -2,13 +2,14 @@
 
 Machines differ: the same recipe's epoch costs nearly twice as long on some 2-core cloud machines as on others
 (`make bench-recipe`, docs/recipe.md). A fixed epoch count is either too long for the slow one or wastes the fast
-one's budget. Early in the first epoch (after a share ``plan_at`` of its batches), :class:`TimeBudget` knows what a
-training step costs here and how long the process has run (inventory, split and cache included); it plans the number
-of epochs that fit and makes the learning-rate schedule end exactly there, warm-up included: a slow machine that fits
-one epoch still warms up briefly and anneals within it, instead of spending its only epoch in a warm-up sized for
-``trainer.max_epochs``. At the end of the first epoch's validation the plan is checked against the measured epoch
-(it may grow or shrink once); after each later epoch it only shrinks, when the machine has slowed down. It is stored
-in checkpoints (a resumed run keeps it) and logged as ``budget/planned_epochs``."""
+one's budget. After the first epoch, :class:`TimeBudget` knows what an epoch (training and validation) costs here
+and how long the process has run (inventory, split and cache included), plans the number of epochs that still fit
+(decided at the end of the first epoch's validation pass), and makes the learning-rate schedule end exactly there, so
+the last epochs still anneal. With ``plan_at`` < 1 the first plan is made earlier, after that share of the first
+epoch's batches, from the measured step time, and fits the warm-up to the plan as well (a machine that fits one
+epoch then warms up briefly and anneals within it); the first epoch's end corrects that plan once, either way. After
+each later epoch the plan only shrinks, when the machine has slowed down. It is stored in checkpoints (a resumed run
+keeps it) and logged as ``budget/planned_epochs``."""
 
 from __future__ import annotations
 
@@ -139,7 +140,7 @@ class TimeBudget(pl.Callback):
         fit = done + max(0, math.floor(left / epoch_seconds)) if epoch_seconds > 0 else done
         if first:
             self._max_epochs = trainer.max_epochs
-        cap = self._max_epochs or trainer.max_epochs if first or replan else self.planned_epochs
+        cap = (self._max_epochs or trainer.max_epochs) if first or replan else self.planned_epochs
         planned = int(trainer.strategy.broadcast(max(done, min(cap, fit)), src=0))
         when = "early in the first epoch" if provisional else "after the first epoch"
         if first:

@@ -8,6 +8,7 @@ from typing import Any
 
 from crackclf.bundle import BundleError, load_model
 from crackclf.errors import UsageError
+from crackclf.training.finalize import per_source_metrics
 
 __all__ = ["initialise_from", "score_start"]
 
@@ -47,14 +48,18 @@ def initialise_from(model: Any, source: str, backbone: str, timm_kwargs: dict[st
 
 def score_start(trainer: Any, model: Any, datamodule: Any) -> dict[str, float]:
     """The test scores of the weights a run starts from, before any training, at the start model's threshold:
-    ``before/test/acc``, … (empty without a test split). The run's loggers are detached meanwhile, so that the
-    ``test/*`` metrics hold the trained model's scores only; the caller logs these under ``before/``."""
+    ``before/test/acc``, … and per source ``before/test/<source>/acc`` (empty without a test split). The run's
+    loggers are detached meanwhile, so that the ``test/*`` metrics hold the trained model's scores only; the caller
+    logs these."""
     if not datamodule.rows_of("test"):
         return {}
     loggers = trainer.loggers
     trainer.loggers = []
     try:
-        results = trainer.test(model, datamodule=datamodule, verbose=False)[0]
+        results = {key: float(value) for key, value in trainer.test(model, datamodule=datamodule,
+                                                                     verbose=False)[0].items()}
     finally:
         trainer.loggers = loggers
-    return {f"before/{key}": float(value) for key, value in results.items()}
+    probabilities, labels = model.test_probabilities()  # per source too: the new surface's "before" on its own
+    results |= per_source_metrics(datamodule, "test", probabilities.numpy(), labels.numpy(), model.decision_threshold)
+    return {f"before/{key}": value for key, value in results.items()}
