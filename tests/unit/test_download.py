@@ -126,6 +126,18 @@ def test_archive_without_class_folders(tmp_path, source_tree):
     assert not (tmp_path / "data" / "concrete_crack").exists() and leftovers(tmp_path / "data") == []
 
 
+def test_archive_whose_class_folder_holds_no_images(tmp_path, source_tree):
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w") as archive:
+        for path in sorted((source_tree / "Negative").iterdir()):
+            archive.write(path, f"Negative/{path.name}")
+        archive.writestr("Positive/README.txt", "no images here")  # a file, but not an image
+    with ArchiveServer(buffer.getvalue()) as server, pytest.raises(DownloadError) as error:
+        ensure_dataset(tmp_path / "data", server.url, progress=False)
+    assert "Positive" in str(error.value) and "hold no images" in str(error.value)
+    assert not (tmp_path / "data" / "concrete_crack").exists() and leftovers(tmp_path / "data") == []
+
+
 def test_rar_archive_is_extracted(tmp_path, source_tree):
     # The published archive is a RAR: the same path, with entries rarfile reads without an external tool.
     with ArchiveServer(rar_tree(source_tree, prefix="Concrete Crack Images/")) as server:

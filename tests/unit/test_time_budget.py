@@ -76,7 +76,8 @@ def test_an_ample_budget_keeps_max_epochs_and_the_planned_schedule(tiny_dataset,
     trainer, recorder = _fit(tiny_dataset, tmp_path, budget, max_epochs=3)
     assert budget.planned_epochs == 3 and trainer.current_epoch == 3
     assert trainer.lr_scheduler_configs[0].scheduler.lr_lambdas[0].total_steps == 3 * trainer.num_training_batches
-    assert budget.state_dict() == {"planned_epochs": 3, "provisional": False, "max_epochs": 3}
+    assert budget.state_dict() == {"planned_epochs": 3, "provisional": False, "max_epochs": 3,
+                                   "first_epoch_batches": None}
 
 
 def test_no_budget_changes_nothing(tiny_dataset, tmp_path):
@@ -144,7 +145,8 @@ def test_the_first_plan_is_made_early_in_the_first_epoch_and_fits_the_warmup(tin
     clock = _Clock([10, 20, 30, 40, 50])
     monkeypatch.setattr(budget_module, "time", clock)
     monkeypatch.setattr(budget_module, "PROCESS_STARTED", 0.0)
-    budget = TimeBudget(minutes=2, reserve_seconds=0, plan_at=0.5)
+    monkeypatch.setattr(budget_module, "VALIDATION_COST_GUESS", 0.7)
+    budget = TimeBudget(minutes=2, reserve_seconds=0, plan_at=0.5, guard_at=1.0)  # the plan alone reads the clock
     trainer, plan, rates = _fit_early(tiny_dataset, tmp_path, budget, max_epochs=6)
     batches = trainer.num_training_batches
     assert batches == 14 and sum(trainer.num_val_batches) == 3  # what the arithmetic above stands on
@@ -162,7 +164,8 @@ def test_an_early_plan_is_corrected_once_by_the_measured_first_epoch(tiny_datase
     clock = _Clock([10, 20, 30, 28, 30] + [30 + k for k in range(1, 200)])
     monkeypatch.setattr(budget_module, "time", clock)
     monkeypatch.setattr(budget_module, "PROCESS_STARTED", 0.0)
-    budget = TimeBudget(minutes=2, reserve_seconds=0, plan_at=0.5)
+    monkeypatch.setattr(budget_module, "VALIDATION_COST_GUESS", 0.7)
+    budget = TimeBudget(minutes=2, reserve_seconds=0, plan_at=0.5, guard_at=1.0)  # the plan alone reads the clock
     trainer, plan, _ = _fit_early(tiny_dataset, tmp_path, budget, max_epochs=6)
     assert plan.first_planned_at == (0, 7) and plan.schedule == (14, 28)
     assert budget.planned_epochs == 5 and trainer.current_epoch == 5
@@ -195,3 +198,39 @@ def test_warmup_fitted_to_a_plan_never_jumps_past_the_steps_taken_nor_grows():
 def test_plan_at_must_be_a_share_of_the_epoch():
     with pytest.raises(ValueError, match=r"plan_at=0 must be in \(0, 1\]"):
         TimeBudget(minutes=5, plan_at=0)
+
+
+def test_a_first_epoch_that_cannot_fit_is_cut_validated_and_annealed(tiny_dataset, tmp_path, monkeypatch):
+    # 14 batches an epoch; the guard acts after round(0.25 x 14) = 4 (index 4), timed from index 1: the epoch starts
+    # at 10 s, batch 1 ends at 20 s and batch 4 at 26 s: 2 s a step. A validation pass is guessed at 3 x 0.7 x 2 =
+    # 4.2 s; this epoch's and the 2 after a cut epoch (no re-validation) leave 55 - 26 - 3 x 4.2 = 16.4 s: 8 more
+    # batches, 13 of the 14.
+    clock = _Clock([10, 20, 26])
+    monkeypatch.setattr(budget_module, "time", clock)
+    monkeypatch.setattr(budget_module, "PROCESS_STARTED", 0.0)
+    monkeypatch.setattr(budget_module, "VALIDATION_COST_GUESS", 0.7)
+    budget = TimeBudget(minutes=55 / 60, reserve_seconds=0)
+    trainer, _, rates = _fit_early(tiny_dataset, tmp_path, budget, max_epochs=6)
+    assert trainer.num_training_batches == 14 and sum(trainer.num_val_batches) == 3
+    assert budget.first_epoch_batches == 13 and budget.planned_epochs == 1
+    assert trainer.global_step == 13
+    factor = trainer.lr_scheduler_configs[0].scheduler.lr_lambdas[0]
+    assert factor.total_steps == 13 and 5 <= factor.warmup_steps < 13  # warm-up and annealing inside the 13 steps
+    assert len(rates.rates) == 13 and rates.rates[-1] < 0.1 * 1e-2  # annealed by the cut epoch's last step
+    assert "val/loss" in trainer.callback_metrics  # the cut epoch was validated (checkpoint, threshold, test)
+    assert budget.state_dict()["first_epoch_batches"] == 13  # a resumed run stops at the same batch
+
+
+def test_a_first_epoch_that_fits_is_not_cut(tiny_dataset, tmp_path, monkeypatch):
+    clock = _Clock([10, 20, 26])  # as above, 2 s a step, with a budget of 10 minutes: the epoch fits
+    monkeypatch.setattr(budget_module, "time", clock)
+    monkeypatch.setattr(budget_module, "PROCESS_STARTED", 0.0)
+    budget = TimeBudget(minutes=10, reserve_seconds=0)
+    trainer, plan, _ = _fit_early(tiny_dataset, tmp_path, budget, max_epochs=2)
+    assert budget.first_epoch_batches is None and trainer.global_step == 2 * 14
+    assert plan.first_planned_at == (1, 0)  # planned at the first epoch's end, as without the guard
+
+
+def test_guard_at_must_be_a_share_of_the_epoch():
+    with pytest.raises(ValueError, match=r"guard_at=1.5 must be in \(0, 1\]"):
+        TimeBudget(minutes=5, guard_at=1.5)

@@ -62,7 +62,7 @@ class CrackDataModule(pl.LightningDataModule):
         root: str | None,
         class_dirs: tuple[str, str] = ("Negative", "Positive"),
         class_names: tuple[str, str] = ("no_crack", "crack"),
-        image_size: int = 64,
+        image_size: int = 96,
         batch_size: int = 128,
         num_workers: int = 0,
         val_fraction: float = 0.15,

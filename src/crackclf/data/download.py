@@ -27,6 +27,7 @@ from pathlib import Path, PurePosixPath
 from filelock import FileLock
 from tqdm import tqdm
 
+from crackclf.data.images import iter_image_files
 from crackclf.errors import CrackclfError
 from crackclf.utils import atomic_write_text
 
@@ -296,10 +297,11 @@ def _extract(archive: Path, target: Path, class_dirs: tuple[str, ...], url: str)
                 f"{archive} (from {url}) has no folder holding {', '.join(class_dirs)}; set data.class_dirs to "
                 "its class folder names, or data.root to an already extracted copy"
             )
-        counts = {c: sum(1 for p in (root / c).rglob("*") if p.is_file()) for c in class_dirs}
+        counts = {c: sum(1 for _ in iter_image_files(root / c, folders=False)) for c in class_dirs}
         empty = [c for c, n in counts.items() if n == 0]
         if empty:
-            raise DownloadError(f"{archive}: class folder(s) {', '.join(empty)} are empty; delete it and run again")
+            raise DownloadError(f"{archive}: class folder(s) {', '.join(empty)} hold no images; delete it and run "
+                                "again")
         atomic_write_text(root / MARKER, json.dumps({
             "url": url, "archive_bytes": archive.stat().st_size, "files": counts,
             "extracted_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),

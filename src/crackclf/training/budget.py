@@ -8,8 +8,11 @@ and how long the process has run (inventory, split and cache included), plans th
 the last epochs still anneal. With ``plan_at`` < 1 the first plan is made earlier, after that share of the first
 epoch's batches, from the measured step time, and fits the warm-up to the plan as well (a machine that fits one
 epoch then warms up briefly and anneals within it); the first epoch's end corrects that plan once, either way. After
-each later epoch the plan only shrinks, when the machine has slowed down. It is stored in checkpoints (a resumed run
-keeps it) and logged as ``budget/planned_epochs``."""
+each later epoch the plan only shrinks, when the machine has slowed down. On a machine too slow for even one epoch,
+the first epoch itself is cut: after ``guard_at`` of its batches the step time says how many batches still fit, the
+epoch stops there (validated, checkpointed and tested as usual) and the schedule anneals inside it. The plan is
+stored in checkpoints (a resumed run keeps it) and logged as ``budget/planned_epochs`` (and
+``budget/first_epoch_batches`` when the first epoch was cut)."""
 
 from __future__ import annotations
 
@@ -26,10 +29,11 @@ from crackclf.training.schedulers import set_total_steps
 log = logging.getLogger(__name__)
 
 
-#: A validation batch costs a forward pass, a training step a forward and a partial backward pass: the share of a
-#: training step that a validation batch is guessed to cost, for the first plan only (the end of the first epoch
-#: re-plans from the measured validation pass).
-VALIDATION_COST_GUESS = 0.7
+#: A validation batch costs a forward pass, a training step a forward and a (partial) backward pass and an optimiser
+#: step: the share of a training step that a validation batch is guessed to cost, for the plans made inside the first
+#: epoch only (its end re-plans from the measured validation pass). Somewhat above what the recipes measure
+#: (`make bench-recipe` logs both; docs/recipe.md, "The time budget"), so an early plan errs on the short side.
+VALIDATION_COST_GUESS = 0.4
 
 
 class TimeBudget(pl.Callback):
@@ -43,9 +47,12 @@ class TimeBudget(pl.Callback):
         plan_at: share of the first epoch's batches after which the first plan is made, from the step time measured
             over the later two thirds of them (the first steps carry one-off costs); 1.0 plans at the end of the
             first epoch's validation only. An epoch of fewer than 6 batches is planned at its end.
+        guard_at: share of the first epoch's batches after which the run checks, the same way, that the first
+            epoch fits the budget at all; when it does not, the epoch is cut to the batches that fit (1.0: never).
     """
 
-    def __init__(self, minutes: float | None, reserve_seconds: float = 3.0, plan_at: float = 1.0) -> None:
+    def __init__(self, minutes: float | None, reserve_seconds: float = 10.0, plan_at: float = 1.0,
+                 guard_at: float = 0.25) -> None:
         if minutes is not None and minutes <= 0:
             raise UsageError(f"callbacks.time_budget.minutes={minutes} must be > 0 (or null to switch it off).")
         if reserve_seconds < 0:
@@ -53,8 +60,13 @@ class TimeBudget(pl.Callback):
         if not 0.0 < plan_at <= 1.0:
             raise UsageError(f"callbacks.time_budget.plan_at={plan_at} must be in (0, 1]: the share of the first "
                              "epoch after which the run plans (1: at its end).")
-        self.minutes, self.reserve_seconds, self.plan_at = minutes, reserve_seconds, float(plan_at)
+        if not 0.0 < guard_at <= 1.0:
+            raise UsageError(f"callbacks.time_budget.guard_at={guard_at} must be in (0, 1]: the share of the first "
+                             "epoch after which the run checks that the epoch fits the budget (1: never).")
+        self.minutes, self.reserve_seconds = minutes, reserve_seconds
+        self.plan_at, self.guard_at = float(plan_at), float(guard_at)
         self.planned_epochs: int | None = None
+        self.first_epoch_batches: int | None = None  # set when the first epoch is cut to fit the budget
         self._provisional = False  # the plan stands on a guessed epoch: the first epoch's end re-plans it
         self._max_epochs: int | None = None  # trainer.max_epochs as configured (a plan overwrites the trainer's)
         self._epoch_started = self._val_started = 0.0
@@ -64,28 +76,28 @@ class TimeBudget(pl.Callback):
     # A plan survives a resume: the resumed run keeps the epoch count (and so the schedule) it was given.
     def state_dict(self) -> dict:
         return {"planned_epochs": self.planned_epochs, "provisional": self._provisional,
-                "max_epochs": self._max_epochs}
+                "max_epochs": self._max_epochs, "first_epoch_batches": self.first_epoch_batches}
 
     def load_state_dict(self, state_dict: dict) -> None:
         self.planned_epochs = state_dict.get("planned_epochs")
+        self.first_epoch_batches = state_dict.get("first_epoch_batches")
         self._provisional = bool(state_dict.get("provisional", False))
         self._max_epochs = state_dict.get("max_epochs")
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self.minutes is not None and self.planned_epochs is not None:
-            self._apply(trainer, self.planned_epochs)
+            self._apply(trainer, self.planned_epochs, batches=self.first_epoch_batches)
 
     def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._epoch_started = time.monotonic()
         self._timing_from = None
 
-    def _plan_batches(self, trainer: pl.Trainer) -> tuple[int, int] | None:
-        """(first timed batch, batch after which to plan) in the first epoch, or ``None``: plan at its end."""
+    def _early_batch(self, trainer: pl.Trainer, share: float) -> int | None:
+        """The first epoch's batch after which to act at ``share`` of it, or ``None``: too short to time a step."""
         batches = trainer.num_training_batches
-        if self.plan_at >= 1.0 or not math.isfinite(batches) or batches < 6:
+        if share >= 1.0 or not math.isfinite(batches) or batches < 6:
             return None
-        last = min(int(batches) - 1, max(3, round(self.plan_at * batches)))
-        return last // 3, last
+        return min(int(batches) - 1, max(3, round(share * batches)))
 
     # DDP: every rank must agree on the plan, so rank zero's measurements are broadcast, at points every rank reaches
     # in the same order: the end of the same training batch of the first epoch (every rank runs the same number of
@@ -95,23 +107,54 @@ class TimeBudget(pl.Callback):
     # ranks wait forever; crackclf/models/module.py).
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs, batch,
                            batch_idx: int) -> None:
-        if self.minutes is None or self.planned_epochs is not None or trainer.current_epoch != 0:
+        if self.minutes is None or trainer.current_epoch != 0:
             return
-        plan = self._plan_batches(trainer)
-        if plan is None:
+        if self.first_epoch_batches is not None:  # the same batch on every rank: the same decision, no message
+            if batch_idx + 1 >= self.first_epoch_batches:
+                trainer.should_stop = True
             return
-        first, last = plan
-        if batch_idx == first:
+        if self.planned_epochs is not None:
+            return
+        guard, plan = self._early_batch(trainer, self.guard_at), self._early_batch(trainer, self.plan_at)
+        points = [b for b in (guard, plan) if b is not None]
+        if not points:
+            return
+        if batch_idx == min(points) // 3:
             self._timing_from = (batch_idx, time.monotonic())
-        elif batch_idx == last and self._timing_from is not None:  # None: resumed between the two, plan at the end
-            now = time.monotonic()
-            step = (now - self._timing_from[1]) / (batch_idx - self._timing_from[0])
-            batches = trainer.num_training_batches
-            validation = step * VALIDATION_COST_GUESS * sum(trainer.num_val_batches)
-            rest_of_epoch = step * (batches - batch_idx - 1) + validation
-            left = (self.minutes * 60 - (now - PROCESS_STARTED) - self.reserve_seconds - 3 * validation
-                    - rest_of_epoch)
-            self._decide(trainer, epoch_seconds=step * batches + validation, left=left, provisional=True)
+        if batch_idx not in points or self._timing_from is None:  # None: resumed past the start, plan at the end
+            return
+        now = time.monotonic()
+        step = (now - self._timing_from[1]) / max(1, batch_idx - self._timing_from[0])
+        batches = trainer.num_training_batches
+        validation = step * VALIDATION_COST_GUESS * sum(trainer.num_val_batches)
+        # For training batches from here on: the budget less the reserve, this epoch's validation and the 3 passes
+        # that may follow training (re-validation, the training sample of the gap, test).
+        left = self.minutes * 60 - (now - PROCESS_STARTED) - self.reserve_seconds - 4 * validation
+        if batch_idx == guard:
+            # A cut epoch is the only one, and the best: its validation outputs are reused, no re-validation.
+            fits = batch_idx + 1 + max(0, math.floor((left + validation) / step)) if step > 0 else batches
+            cut = int(trainer.strategy.broadcast(fits if fits < batches else 0, src=0))
+            if cut:
+                self._cut_first_epoch(trainer, cut, batch_idx + 1, step * batches + validation, left)
+                return
+        if batch_idx == plan:
+            rest_of_epoch = step * (batches - batch_idx - 1)
+            self._decide(trainer, epoch_seconds=step * batches + validation, left=left - rest_of_epoch,
+                         provisional=True)
+
+    def _cut_first_epoch(self, trainer: pl.Trainer, batches: int, timed: int, epoch_seconds: float,
+                         left: float) -> None:
+        """Not even one epoch fits: train ``batches`` of the first one, then validate, test and stop, with the
+        warm-up and the annealing of the schedule fitted to those batches."""
+        log.warning("time budget %.2f min: one epoch would take %.0f s here (estimated after %d batches) and %.0f s "
+                    "are left for training: the first and only epoch is cut to %d of its %d batches; the schedule "
+                    "ends there", self.minutes, epoch_seconds, timed, max(0.0, left), batches,
+                    trainer.num_training_batches)
+        self.first_epoch_batches, self._max_epochs = batches, trainer.max_epochs
+        self._apply(trainer, 1, fit_warmup=True, batches=batches)
+        for logger in trainer.loggers:
+            logger.log_metrics({"budget/planned_epochs": 1.0, "budget/first_epoch_batches": float(batches)},
+                               step=trainer.global_step)
 
     def on_validation_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._val_started = time.monotonic()
@@ -161,13 +204,15 @@ class TimeBudget(pl.Callback):
         for logger in trainer.loggers:  # rank zero's loggers: the same value everywhere, nothing to reduce
             logger.log_metrics({"budget/planned_epochs": float(planned)}, step=trainer.global_step)
 
-    def _apply(self, trainer: pl.Trainer, epochs: int, fit_warmup: bool = False) -> None:
+    def _apply(self, trainer: pl.Trainer, epochs: int, fit_warmup: bool = False, batches: int | None = None) -> None:
         """Train ``epochs`` epochs in all (Lightning stops after the current one when it is the last) and end the
         step-wise schedule there; with ``fit_warmup`` (the first plan, made during the warm-up) the warm-up becomes
-        its configured share of the planned steps. A resumed run restores its warm-up from the checkpoint."""
+        its configured share of the planned steps. ``batches``: the one epoch's batches when it was cut. A resumed
+        run restores its warm-up from the checkpoint."""
         self.planned_epochs = epochs
         trainer.fit_loop.max_epochs = epochs
-        steps = epochs * trainer.num_training_batches // max(1, trainer.accumulate_grad_batches)
+        per_epoch = batches if batches is not None else trainer.num_training_batches
+        steps = epochs * per_epoch // max(1, trainer.accumulate_grad_batches)
         for config in trainer.lr_scheduler_configs:
             taken = trainer.global_step if fit_warmup else None
             if config.interval == "step" and not set_total_steps(config.scheduler, steps, warmup_from=taken):
