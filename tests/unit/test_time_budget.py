@@ -128,9 +128,10 @@ class _RecordPlan(pl.Callback):
                 self.schedule = (factor.warmup_steps, factor.total_steps)
 
 
-def _fit_early(tiny_dataset, tmp_path, budget: TimeBudget, max_epochs: int, warmup_fraction: float = 0.5):
+def _fit_early(tiny_dataset, tmp_path, budget: TimeBudget, max_epochs: int, warmup_fraction: float = 0.5,
+               extra: tuple = ()):
     plan, rates = _RecordPlan(budget), _RecordLR()
-    _, trainer = tiny_fit(tiny_dataset, tmp_path, [budget, plan, rates], max_epochs, batch_size=4,
+    _, trainer = tiny_fit(tiny_dataset, tmp_path, [*extra, budget, plan, rates], max_epochs, batch_size=4,
                           scheduler=lambda optimizer, total_steps: warmup_cosine(optimizer, total_steps,
                                                                                  warmup_fraction))
     return trainer, plan, rates
@@ -200,6 +201,13 @@ def test_plan_at_must_be_a_share_of_the_epoch():
         TimeBudget(minutes=5, plan_at=0)
 
 
+class _MinEpochs(pl.Callback):
+    """``trainer.min_epochs`` as conf/trainer/default.yaml sets it (tiny_fit's trainer leaves it unset)."""
+
+    def on_fit_start(self, trainer, pl_module) -> None:
+        trainer.fit_loop.min_epochs = 1
+
+
 def test_a_first_epoch_that_cannot_fit_is_cut_validated_and_annealed(tiny_dataset, tmp_path, monkeypatch):
     # 14 batches an epoch; the guard acts after round(0.25 x 14) = 4 (index 4), timed from index 1: the epoch starts
     # at 10 s, batch 1 ends at 20 s and batch 4 at 26 s: 2 s a step. A validation pass is guessed at 3 x 0.7 x 2 =
@@ -210,7 +218,7 @@ def test_a_first_epoch_that_cannot_fit_is_cut_validated_and_annealed(tiny_datase
     monkeypatch.setattr(budget_module, "PROCESS_STARTED", 0.0)
     monkeypatch.setattr(budget_module, "VALIDATION_COST_GUESS", 0.7)
     budget = TimeBudget(minutes=55 / 60, reserve_seconds=0)
-    trainer, _, rates = _fit_early(tiny_dataset, tmp_path, budget, max_epochs=6)
+    trainer, _, rates = _fit_early(tiny_dataset, tmp_path, budget, max_epochs=6, extra=[_MinEpochs()])
     assert trainer.num_training_batches == 14 and sum(trainer.num_val_batches) == 3
     assert budget.first_epoch_batches == 13 and budget.planned_epochs == 1
     assert trainer.global_step == 13

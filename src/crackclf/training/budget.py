@@ -132,10 +132,11 @@ class TimeBudget(pl.Callback):
         left = self.minutes * 60 - (now - PROCESS_STARTED) - self.reserve_seconds - 4 * validation
         if batch_idx == guard:
             # A cut epoch is the only one, and the best: its validation outputs are reused, no re-validation.
-            fits = batch_idx + 1 + max(0, math.floor((left + validation) / step)) if step > 0 else batches
+            for_training = left + validation
+            fits = batch_idx + 1 + max(0, math.floor(for_training / step)) if step > 0 else batches
             cut = int(trainer.strategy.broadcast(fits if fits < batches else 0, src=0))
             if cut:
-                self._cut_first_epoch(trainer, cut, batch_idx + 1, step * batches + validation, left)
+                self._cut_first_epoch(trainer, cut, batch_idx + 1, step * batches + validation, for_training)
                 return
         if batch_idx == plan:
             rest_of_epoch = step * (batches - batch_idx - 1)
@@ -146,10 +147,11 @@ class TimeBudget(pl.Callback):
                          left: float) -> None:
         """Not even one epoch fits: train ``batches`` of the first one, then validate, test and stop, with the
         warm-up and the annealing of the schedule fitted to those batches."""
-        log.warning("time budget %.2f min: one epoch would take %.0f s here (estimated after %d batches) and %.0f s "
-                    "are left for training: the first and only epoch is cut to %d of its %d batches; the schedule "
-                    "ends there", self.minutes, epoch_seconds, timed, max(0.0, left), batches,
-                    trainer.num_training_batches)
+        if trainer.is_global_zero:  # the other ranks follow rank zero's numbers: one message
+            log.warning("time budget %.2f min: one epoch would take %.0f s here (estimated after %d batches) and "
+                        "%.0f s are left for training: the first and only epoch is cut to %d of its %d batches; "
+                        "the schedule ends there", self.minutes, epoch_seconds, timed, max(0.0, left), batches,
+                        trainer.num_training_batches)
         self.first_epoch_batches, self._max_epochs = batches, trainer.max_epochs
         self._apply(trainer, 1, fit_warmup=True, batches=batches)
         for logger in trainer.loggers:
@@ -211,6 +213,8 @@ class TimeBudget(pl.Callback):
         run restores its warm-up from the checkpoint."""
         self.planned_epochs = epochs
         trainer.fit_loop.max_epochs = epochs
+        if batches is not None:  # trainer.min_epochs (1 in conf/trainer) would override the stop inside the epoch
+            trainer.fit_loop.min_epochs = 0
         per_epoch = batches if batches is not None else trainer.num_training_batches
         steps = epochs * per_epoch // max(1, trainer.accumulate_grad_batches)
         for config in trainer.lr_scheduler_configs:
