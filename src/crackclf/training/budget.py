@@ -150,8 +150,9 @@ class TimeBudget(pl.Callback):
         if trainer.is_global_zero:  # the other ranks follow rank zero's numbers: one message
             log.warning("time budget %.2f min: one epoch would take %.0f s here (estimated after %d batches) and "
                         "%.0f s are left for training: the first and only epoch is cut to %d of its %d batches; "
-                        "the schedule ends there", self.minutes, epoch_seconds, timed, max(0.0, left), batches,
-                        trainer.num_training_batches)
+                        "the schedule ends there (more images: a larger callbacks.time_budget.minutes, or a cheaper "
+                        "backbone such as experiment=cpu_scratch)", self.minutes, epoch_seconds, timed,
+                        max(0.0, left), batches, trainer.num_training_batches)
         self.first_epoch_batches, self._max_epochs = batches, trainer.max_epochs
         self._apply(trainer, 1, fit_warmup=True, batches=batches)
         for logger in trainer.loggers:
