@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from torchmetrics import MaxMetric, MeanMetric, SumMetric
 
 from crackclf.distributed import gather_to_cpu
+from crackclf.errors import UsageError
 from crackclf.metrics import stage_metrics
 from crackclf.models.backbone import BuiltBackbone, CrackNet, set_backbone_trainable
 from crackclf.utils import worker_count
@@ -54,12 +55,17 @@ class CrackClassifier(pl.LightningModule):
         max_gap: float,
         channels_last: bool,
         scheduler: Callable[..., Any] | None = None,
+        head_lr_scale: float = 1.0,
     ) -> None:
         super().__init__()
         # The factories are code, not hyperparameters: what rebuilds the network is the bundle entry
         # (crackclf.bundle.BundleInfo, from backbone_name/timm_kwargs below), and the config is logged to MLflow.
         self.save_hyperparameters(logger=False, ignore=["backbone", "optimizer", "scheduler"])
         self.optimizer_factory, self.scheduler_factory = optimizer, scheduler
+        if head_lr_scale <= 0:
+            raise UsageError(f"model.head_lr_scale={head_lr_scale} must be > 0: the classifier head's learning rate "
+                             "as a multiple of the optimizer's (1: the same).")
+        self.head_lr_scale = float(head_lr_scale)
         built = backbone(num_classes=len(class_names))
         self.pretrained_status = built.pretrained_status
         self.backbone_name, self.timm_kwargs = built.name, dict(built.timm_kwargs)
@@ -228,7 +234,7 @@ class CrackClassifier(pl.LightningModule):
 
     # ------------------------------------------------------------------------------------------------ optimiser
     def configure_optimizers(self):
-        optimizer = self.optimizer_factory(params=[p for p in self.parameters()])
+        optimizer = self.optimizer_factory(params=self._parameter_groups())
         if self.scheduler_factory is None:
             return optimizer
         if _is_plateau(self.scheduler_factory):
@@ -237,6 +243,20 @@ class CrackClassifier(pl.LightningModule):
         total_steps = int(self.trainer.estimated_stepping_batches)
         scheduler = self.scheduler_factory(optimizer=optimizer, total_steps=total_steps)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    def _parameter_groups(self) -> list[dict[str, Any]]:
+        """The network's parameters; with ``head_lr_scale`` != 1 the new classifier head is a group of its own at that
+        multiple of the optimizer's learning rate (a fresh head on pretrained features learns faster at a higher
+        rate than the features should move). The schedulers scale every group alike."""
+        head = {id(p) for p in self.net.backbone.get_classifier().parameters()}
+        body = [p for p in self.parameters() if id(p) not in head]
+        if self.head_lr_scale == 1.0 or not head:
+            return [{"params": [*body, *(p for p in self.parameters() if id(p) in head)]}]
+        base_lr = getattr(self.optimizer_factory, "keywords", {}).get("lr")
+        if base_lr is None:
+            raise UsageError("model.head_lr_scale needs an optimizer with an lr setting (optimizer.lr).")
+        return [{"params": body}, {"params": [p for p in self.parameters() if id(p) in head],
+                                   "lr": base_lr * self.head_lr_scale}]
 
     # ------------------------------------------------------------------------------------------------- resuming
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
