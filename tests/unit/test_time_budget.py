@@ -217,7 +217,7 @@ def test_a_first_epoch_that_cannot_fit_is_cut_validated_and_annealed(tiny_datase
     monkeypatch.setattr(budget_module, "time", clock)
     monkeypatch.setattr(budget_module, "PROCESS_STARTED", 0.0)
     monkeypatch.setattr(budget_module, "VALIDATION_COST_GUESS", 0.7)
-    budget = TimeBudget(minutes=55 / 60, reserve_seconds=0)
+    budget = TimeBudget(minutes=55 / 60, reserve_seconds=0, guard_at=0.25)  # the check and its re-check at once
     trainer, _, rates = _fit_early(tiny_dataset, tmp_path, budget, max_epochs=6, extra=[_MinEpochs()])
     assert trainer.num_training_batches == 14 and sum(trainer.num_val_batches) == 3
     assert budget.first_epoch_batches == 13 and budget.planned_epochs == 1
@@ -227,6 +227,24 @@ def test_a_first_epoch_that_cannot_fit_is_cut_validated_and_annealed(tiny_datase
     assert len(rates.rates) == 13 and rates.rates[-1] < 0.1 * 1e-2  # annealed by the cut epoch's last step
     assert "val/loss" in trainer.callback_metrics  # the cut epoch was validated (checkpoint, threshold, test)
     assert budget.state_dict()["first_epoch_batches"] == 13  # a resumed run stops at the same batch
+
+
+def test_an_early_cut_is_corrected_by_the_steps_timed_until_the_recheck(tiny_dataset, tmp_path, monkeypatch):
+    # The guard acts after batch 3 (its minimum), the re-check after round(0.25 x 14) = 4, both timed from batch 1
+    # (20 s). At batch 3 (30 s): 5 s a step, validation guessed at 3 x 0.7 x 5 = 10.5 s: 90 - 30 - 3 x 10.5 = 28.5 s
+    # fit 5 more batches: cut to 9. At batch 4 (32 s): 4 s a step, 8.4 s a validation: 90 - 32 - 25.2 = 32.8 s fit 8
+    # more: the cut moves to 13. The warm-up was fitted at the first cut and stays.
+    clock = _Clock([10, 20, 30, 32])
+    monkeypatch.setattr(budget_module, "time", clock)
+    monkeypatch.setattr(budget_module, "PROCESS_STARTED", 0.0)
+    monkeypatch.setattr(budget_module, "VALIDATION_COST_GUESS", 0.7)
+    budget = TimeBudget(minutes=90 / 60, reserve_seconds=0, guard_at=0.2)
+    trainer, plan, rates = _fit_early(tiny_dataset, tmp_path, budget, max_epochs=6, extra=[_MinEpochs()])
+    assert plan.first_planned_at == (0, 3) and plan.schedule[1] == 9  # the first cut, at the guard
+    assert budget.first_epoch_batches == 13 and trainer.global_step == 13
+    factor = trainer.lr_scheduler_configs[0].scheduler.lr_lambdas[0]
+    assert factor.total_steps == 13 and factor.warmup_steps == plan.schedule[0] <= 5
+    assert rates.rates[-1] < 0.1 * 1e-2
 
 
 def test_a_first_epoch_that_fits_is_not_cut(tiny_dataset, tmp_path, monkeypatch):

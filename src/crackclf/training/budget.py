@@ -34,6 +34,9 @@ log = logging.getLogger(__name__)
 #: epoch only (its end re-plans from the measured validation pass). Somewhat above what the recipes measure
 #: (`make bench-recipe` logs both; docs/recipe.md, "The time budget"), so an early plan errs on the short side.
 VALIDATION_COST_GUESS = 0.4
+#: A first epoch cut after ``guard_at`` of its batches (a few steps timed, so that the warm-up it still has to do is
+#: short) is cut again, either way, after this share of them, from the steps timed by then.
+GUARD_RECHECK_AT = 0.25
 
 
 class TimeBudget(pl.Callback):
@@ -47,12 +50,15 @@ class TimeBudget(pl.Callback):
         plan_at: share of the first epoch's batches after which the first plan is made, from the step time measured
             over the later two thirds of them (the first steps carry one-off costs); 1.0 plans at the end of the
             first epoch's validation only. An epoch of fewer than 6 batches is planned at its end.
-        guard_at: share of the first epoch's batches after which the run checks, the same way, that the first
-            epoch fits the budget at all; when it does not, the epoch is cut to the batches that fit (1.0: never).
+        guard_at: share of the first epoch's batches (at least 4 of them) after which the run checks, the same
+            way, that the first epoch fits the budget at all; when it does not, the epoch is cut to the batches that
+            fit, and the cut is corrected after :data:`GUARD_RECHECK_AT` of the epoch from more steps (1.0: never).
+            Early, because a cut epoch has to warm up and anneal inside it: every step at the warm-up's low rate
+            is one of few.
     """
 
     def __init__(self, minutes: float | None, reserve_seconds: float = 10.0, plan_at: float = 1.0,
-                 guard_at: float = 0.25) -> None:
+                 guard_at: float = 0.02) -> None:
         if minutes is not None and minutes <= 0:
             raise UsageError(f"callbacks.time_budget.minutes={minutes} must be > 0 (or null to switch it off).")
         if reserve_seconds < 0:
@@ -109,14 +115,15 @@ class TimeBudget(pl.Callback):
                            batch_idx: int) -> None:
         if self.minutes is None or trainer.current_epoch != 0:
             return
-        if self.first_epoch_batches is not None:  # the same batch on every rank: the same decision, no message
-            if batch_idx + 1 >= self.first_epoch_batches:
-                trainer.should_stop = True
+        cut = self.first_epoch_batches
+        if cut is not None and batch_idx + 1 >= cut:  # the same batch on every rank: the same decision
+            trainer.should_stop = True
             return
-        if self.planned_epochs is not None:
+        if self.planned_epochs is not None and cut is None:
             return
         guard, plan = self._early_batch(trainer, self.guard_at), self._early_batch(trainer, self.plan_at)
-        points = [b for b in (guard, plan) if b is not None]
+        recheck = self._early_batch(trainer, GUARD_RECHECK_AT) if guard is not None else None
+        points = [b for b in (guard, recheck, plan) if b is not None]
         if not points:
             return
         if batch_idx == min(points) // 3:
@@ -130,15 +137,24 @@ class TimeBudget(pl.Callback):
         # For training batches from here on: the budget less the reserve, this epoch's validation and the 3 passes
         # that may follow training (re-validation, the training sample of the gap, test).
         left = self.minutes * 60 - (now - PROCESS_STARTED) - self.reserve_seconds - 4 * validation
-        if batch_idx == guard:
+        if batch_idx in (guard, recheck):
             # A cut epoch is the only one, and the best: its validation outputs are reused, no re-validation.
             for_training = left + validation
             fits = batch_idx + 1 + max(0, math.floor(for_training / step)) if step > 0 else batches
-            cut = int(trainer.strategy.broadcast(fits if fits < batches else 0, src=0))
-            if cut:
-                self._cut_first_epoch(trainer, cut, batch_idx + 1, step * batches + validation, for_training)
+            fits = int(trainer.strategy.broadcast(min(fits, batches), src=0))
+            if cut is None and fits < batches:
+                self._cut_first_epoch(trainer, fits, batch_idx + 1, step * batches + validation, for_training)
                 return
-        if batch_idx == plan:
+            if cut is not None:  # more steps timed: the cut moves, either way; the warm-up stays as it was fitted
+                if fits != cut and trainer.is_global_zero:
+                    log.info("time budget: timed over %d batches, the first epoch is cut to %d of its %d batches "
+                             "instead of %d", batch_idx - self._timing_from[0], fits, batches, cut)
+                self.first_epoch_batches = fits
+                self._apply(trainer, 1, batches=fits)
+                for logger in trainer.loggers:
+                    logger.log_metrics({"budget/first_epoch_batches": float(fits)}, step=trainer.global_step)
+                return
+        if batch_idx == plan and self.planned_epochs is None:
             rest_of_epoch = step * (batches - batch_idx - 1)
             self._decide(trainer, epoch_seconds=step * batches + validation, left=left - rest_of_epoch,
                          provisional=True)
