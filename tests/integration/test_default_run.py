@@ -9,7 +9,9 @@ process group is killed), it never holds CI up.
 from __future__ import annotations
 
 import os
+import re
 
+import pytest
 from mlflow.tracking import MlflowClient
 
 from tests.conftest import run_train, write_dataset
@@ -46,3 +48,25 @@ def test_default_recipe_runs_as_make_train_does(tmp_path, mlflow_uri, cache_dir)
     history = client.get_metric_history(run.info.run_id, "train/loss")
     assert len(history) == 4  # one epoch value per epoch, reduced over both ranks
     assert output.count("  test/acc ") == 1  # one summary (rank zero's), with a measured value
+
+
+@pytest.mark.slow
+def test_a_first_epoch_too_long_for_the_budget_is_cut_on_both_ranks(tmp_path, mlflow_uri, cache_dir):
+    # ~17 batches an epoch (~266 training images, 8 per process): the guard acts after its minimum of 4 batches and
+    # finds the half-minute budget already spent by the start-up, so the epoch is cut right there, on both ranks at
+    # the same batch (broadcast from rank zero), with the progress bar on: no hang, one validated, tested epoch.
+    data = write_dataset(tmp_path / "data", per_class=190, size=96, seed=6)
+    env = {key: value for key, value in os.environ.items() if key != "OMP_WAIT_POLICY"}
+    result = run_train("experiment=cpu_fast", f"data.root={data}", "data.batch_size=8",
+                       "callbacks.time_budget.minutes=0.5", f"hydra.run.dir={tmp_path / 'run'}",
+                       timeout=HANG_TIMEOUT_S, env=env)
+    output = result.stdout + result.stderr
+    assert result.returncode == 0, output[-4000:]
+    assert "MEMBER: 2/2" in output and "Epoch 0:" in output
+    cuts = re.findall(r"the first and only epoch is cut to (\d+) of its (\d+) batches", output)
+    assert len(cuts) == 1 and cuts[0][0] == "4" and int(cuts[0][1]) >= 6, output[-4000:]  # rank zero's message
+    client = MlflowClient(mlflow_uri)
+    run = client.search_runs([client.get_experiment_by_name("crack").experiment_id])[0]
+    assert run.info.status == "FINISHED"
+    assert run.data.metrics["budget/first_epoch_batches"] == 4 and run.data.metrics["epochs_run"] == 1
+    assert 0.0 <= run.data.metrics["test/acc"] <= 1.0 and "val/acc" in run.data.metrics
