@@ -249,9 +249,9 @@ class CrackClassifier(pl.LightningModule):
         multiple of the optimizer's learning rate (a fresh head on pretrained features learns faster at a higher
         rate than the features should move). The schedulers scale every group alike."""
         head = {id(p) for p in self.net.backbone.get_classifier().parameters()}
+        if self.head_lr_scale == 1.0 or not head:  # one group in the parameters' own order, as checkpoints hold it
+            return [{"params": list(self.parameters())}]
         body = [p for p in self.parameters() if id(p) not in head]
-        if self.head_lr_scale == 1.0 or not head:
-            return [{"params": [*body, *(p for p in self.parameters() if id(p) in head)]}]
         base_lr = getattr(self.optimizer_factory, "keywords", {}).get("lr")
         if base_lr is None:
             raise UsageError("model.head_lr_scale needs an optimizer with an lr setting (optimizer.lr).")

@@ -31,8 +31,8 @@ log = logging.getLogger(__name__)
 
 #: A validation batch costs a forward pass, a training step a forward and a (partial) backward pass and an optimiser
 #: step: the share of a training step that a validation batch is guessed to cost, for the plans made inside the first
-#: epoch only (its end re-plans from the measured validation pass). Somewhat above what the recipes measure
-#: (`make bench-recipe` logs both; docs/recipe.md, "The time budget"), so an early plan errs on the short side.
+#: epoch only (its end re-plans from the measured validation pass). Somewhat above what the recipes' logs show
+#: (docs/recipe.md, "Stop 22"), so an early plan errs on the short side.
 VALIDATION_COST_GUESS = 0.4
 #: A first epoch cut after ``guard_at`` of its batches (a few steps timed, so that the warm-up it still has to do is
 #: short) is cut again, either way, after this share of them, from the steps timed by then.
