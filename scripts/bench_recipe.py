@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import statistics
 import subprocess
@@ -48,8 +49,8 @@ def run_once(data: Path, overrides: list[str], work: Path, cache_dir: Path | Non
     metrics = run.data.metrics
     val_history = client.get_metric_history(run.info.run_id, "val/acc")
     train_history = client.get_metric_history(run.info.run_id, "train/acc")  # one point per trained epoch
-    # Planned by the time budget when it is on, else trainer.max_epochs.
-    planned = int(metrics.get("budget/planned_epochs") or run.data.params.get("trainer.max_epochs") or 0)
+    # Planned by the time budget when it is on (a fraction when its last epoch is cut), else trainer.max_epochs.
+    planned = float(metrics.get("budget/planned_epochs") or run.data.params.get("trainer.max_epochs") or 0)
     return {
         "wall_s": round(wall, 1),
         "epochs": len(train_history),
@@ -59,7 +60,8 @@ def run_once(data: Path, overrides: list[str], work: Path, cache_dir: Path | Non
         "test_auroc": metrics.get("test/auroc"),
         "train_val_gap": metrics.get("train_val_gap"),  # unaugmented train sample - val
         "planned_epochs": planned,
-        "early_stopped": len(train_history) < planned,  # fewer epochs than planned: early stopping (or the budget)
+        # Fewer epochs than planned: early stopping (or the budget shortened the plan).
+        "early_stopped": len(train_history) < math.ceil(round(planned, 6)),
         "run_id": run.info.run_id,
         **environment(),
         "cold_cache": cache_dir is None,

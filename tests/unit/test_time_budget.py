@@ -77,7 +77,7 @@ def test_an_ample_budget_keeps_max_epochs_and_the_planned_schedule(tiny_dataset,
     assert budget.planned_epochs == 3 and trainer.current_epoch == 3
     assert trainer.lr_scheduler_configs[0].scheduler.lr_lambdas[0].total_steps == 3 * trainer.num_training_batches
     assert budget.state_dict() == {"planned_epochs": 3, "provisional": False, "max_epochs": 3,
-                                   "first_epoch_batches": None}
+                                   "last_epoch_batches": None}
 
 
 def test_no_budget_changes_nothing(tiny_dataset, tmp_path):
@@ -220,13 +220,13 @@ def test_a_first_epoch_that_cannot_fit_is_cut_validated_and_annealed(tiny_datase
     budget = TimeBudget(minutes=55 / 60, reserve_seconds=0, guard_at=0.25)  # the check and its re-check at once
     trainer, _, rates = _fit_early(tiny_dataset, tmp_path, budget, max_epochs=6, extra=[_MinEpochs()])
     assert trainer.num_training_batches == 14 and sum(trainer.num_val_batches) == 3
-    assert budget.first_epoch_batches == 13 and budget.planned_epochs == 1
+    assert budget.last_epoch_batches == 13 and budget.planned_epochs == 1
     assert trainer.global_step == 13
     factor = trainer.lr_scheduler_configs[0].scheduler.lr_lambdas[0]
     assert factor.total_steps == 13 and 5 <= factor.warmup_steps < 13  # warm-up and annealing inside the 13 steps
     assert len(rates.rates) == 13 and rates.rates[-1] < 0.1 * 1e-2  # annealed by the cut epoch's last step
     assert "val/loss" in trainer.callback_metrics  # the cut epoch was validated (checkpoint, threshold, test)
-    assert budget.state_dict()["first_epoch_batches"] == 13  # a resumed run stops at the same batch
+    assert budget.state_dict()["last_epoch_batches"] == 13  # a resumed run stops at the same batch
 
 
 def test_an_early_cut_is_corrected_by_the_steps_timed_until_the_recheck(tiny_dataset, tmp_path, monkeypatch):
@@ -241,7 +241,7 @@ def test_an_early_cut_is_corrected_by_the_steps_timed_until_the_recheck(tiny_dat
     budget = TimeBudget(minutes=90 / 60, reserve_seconds=0, guard_at=0.2)
     trainer, plan, rates = _fit_early(tiny_dataset, tmp_path, budget, max_epochs=6, extra=[_MinEpochs()])
     assert plan.first_planned_at == (0, 3) and plan.schedule[1] == 9  # the first cut, at the guard
-    assert budget.first_epoch_batches == 13 and trainer.global_step == 13
+    assert budget.last_epoch_batches == 13 and trainer.global_step == 13
     factor = trainer.lr_scheduler_configs[0].scheduler.lr_lambdas[0]
     assert factor.total_steps == 13 and factor.warmup_steps == plan.schedule[0] <= 5
     assert rates.rates[-1] < 0.1 * 1e-2
@@ -253,10 +253,34 @@ def test_a_first_epoch_that_fits_is_not_cut(tiny_dataset, tmp_path, monkeypatch)
     monkeypatch.setattr(budget_module, "PROCESS_STARTED", 0.0)
     budget = TimeBudget(minutes=10, reserve_seconds=0)
     trainer, plan, _ = _fit_early(tiny_dataset, tmp_path, budget, max_epochs=2)
-    assert budget.first_epoch_batches is None and trainer.global_step == 2 * 14
+    assert budget.last_epoch_batches is None and trainer.global_step == 2 * 14
     assert plan.first_planned_at == (1, 0)  # planned at the first epoch's end, as without the guard
 
 
 def test_guard_at_must_be_a_share_of_the_epoch():
     with pytest.raises(ValueError, match=r"guard_at=1.5 must be in \(0, 1\]"):
         TimeBudget(minutes=5, guard_at=1.5)
+
+
+def test_the_time_an_epoch_does_not_fit_in_goes_to_a_cut_last_epoch(tiny_dataset, tmp_path, monkeypatch):
+    # Epoch 0 runs from 10 s to 30 s (validation 20-30 s): 10 s for its 3 batches, 3.3 s a step. A 97 s budget
+    # leaves 97 - 30 - 3 x 10 = 37 s: one more 20 s epoch, then 17 s of which 10 s are the cut epoch's validation
+    # pass: 7 s, 2 more batches. Epoch 1 (30-50 s) confirms it: 97 - 50 - 30 = 17 s, 2 batches.
+    clock = _Clock([10, 20, 30, 30, 40, 50, 50])
+    monkeypatch.setattr(budget_module, "time", clock)
+    monkeypatch.setattr(budget_module, "PROCESS_STARTED", 0.0)
+    budget = TimeBudget(minutes=97 / 60, reserve_seconds=0)
+    trainer, recorder = _fit(tiny_dataset, tmp_path, budget, max_epochs=6)
+    per_epoch = trainer.num_training_batches
+    assert per_epoch == 3  # what the arithmetic above stands on
+    assert budget.planned_epochs == 3 and budget.last_epoch_batches == 2
+    assert trainer.global_step == 2 * per_epoch + 2 and len(recorder.rates) == 2 * per_epoch + 2
+    assert trainer.lr_scheduler_configs[0].scheduler.lr_lambdas[0].total_steps == 2 * per_epoch + 2
+    assert recorder.rates[-1] < 0.2 * recorder.rates[per_epoch]  # annealed by the cut epoch's last step
+    assert "val/loss" in trainer.callback_metrics and budget.state_dict()["last_epoch_batches"] == 2
+
+
+def test_a_checkpoint_of_a_cut_first_epoch_from_before_the_rename_keeps_its_cut():
+    budget = TimeBudget(minutes=5)
+    budget.load_state_dict({"planned_epochs": 1, "provisional": False, "max_epochs": 20, "first_epoch_batches": 84})
+    assert budget.planned_epochs == 1 and budget.last_epoch_batches == 84

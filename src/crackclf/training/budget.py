@@ -3,16 +3,17 @@
 Machines differ: the same recipe's epoch costs nearly twice as long on some 2-core cloud machines as on others
 (`make bench-recipe`, docs/recipe.md). A fixed epoch count is either too long for the slow one or wastes the fast
 one's budget. After the first epoch, :class:`TimeBudget` knows what an epoch (training and validation) costs here
-and how long the process has run (inventory, split and cache included), plans the number of epochs that still fit
-(decided at the end of the first epoch's validation pass), and makes the learning-rate schedule end exactly there, so
-the last epochs still anneal. With ``plan_at`` < 1 the first plan is made earlier, after that share of the first
-epoch's batches, from the measured step time, and fits the warm-up to the plan as well (a machine that fits one
-epoch then warms up briefly and anneals within it); the first epoch's end corrects that plan once, either way. After
-each later epoch the plan only shrinks, when the machine has slowed down. On a machine too slow for even one epoch,
-the first epoch itself is cut: after ``guard_at`` of its batches the step time says how many batches still fit, the
-epoch stops there (validated, checkpointed and tested as usual) and the schedule anneals inside it. The plan is
-stored in checkpoints (a resumed run keeps it) and logged as ``budget/planned_epochs`` (and
-``budget/first_epoch_batches`` when the first epoch was cut)."""
+and how long the process has run (inventory, split and cache included), plans the training that still fits (decided
+at the end of the first epoch's validation pass): whole epochs, and a last epoch cut to the batches that fit in the
+time an epoch would not (the budget is spent on steps, not left over), and makes the learning-rate schedule end
+exactly there, so the last steps still anneal. With ``plan_at`` < 1 the first plan is made earlier, after that
+share of the first epoch's batches, from the measured step time, and fits the warm-up to the plan as well (a
+machine that fits one epoch then warms up briefly and anneals within it); the first epoch's end corrects that plan
+once, either way. After each later epoch the plan only shrinks, when the machine has slowed down. On a machine too
+slow for even one epoch, the first epoch itself is cut: after ``guard_at`` of its batches the step time says how
+many batches still fit, the epoch stops there (validated, checkpointed and tested as usual) and the schedule anneals
+inside it. The plan is stored in checkpoints (a resumed run keeps it) and logged as ``budget/planned_epochs`` (and
+``budget/last_epoch_batches`` when the last epoch is cut)."""
 
 from __future__ import annotations
 
@@ -37,6 +38,9 @@ VALIDATION_COST_GUESS = 0.4
 #: A first epoch cut after ``guard_at`` of its batches (a few steps timed, so that the warm-up it still has to do is
 #: short) is cut again, either way, after this share of them, from the steps timed by then.
 GUARD_RECHECK_AT = 0.25
+#: A last epoch cut to fewer than this share of an epoch's batches is not planned: its validation pass would cost
+#: about as much as the steps gain, and the time is better kept as margin.
+MIN_LAST_EPOCH_SHARE = 0.1
 
 
 class TimeBudget(pl.Callback):
@@ -71,8 +75,8 @@ class TimeBudget(pl.Callback):
                              "epoch after which the run checks that the epoch fits the budget (1: never).")
         self.minutes, self.reserve_seconds = minutes, reserve_seconds
         self.plan_at, self.guard_at = float(plan_at), float(guard_at)
-        self.planned_epochs: int | None = None
-        self.first_epoch_batches: int | None = None  # set when the first epoch is cut to fit the budget
+        self.planned_epochs: int | None = None  # epochs in all, the last one maybe cut
+        self.last_epoch_batches: int | None = None  # the last planned epoch's batches when it is cut to fit
         self._provisional = False  # the plan stands on a guessed epoch: the first epoch's end re-plans it
         self._max_epochs: int | None = None  # trainer.max_epochs as configured (a plan overwrites the trainer's)
         self._epoch_started = self._val_started = 0.0
@@ -82,17 +86,18 @@ class TimeBudget(pl.Callback):
     # A plan survives a resume: the resumed run keeps the epoch count (and so the schedule) it was given.
     def state_dict(self) -> dict:
         return {"planned_epochs": self.planned_epochs, "provisional": self._provisional,
-                "max_epochs": self._max_epochs, "first_epoch_batches": self.first_epoch_batches}
+                "max_epochs": self._max_epochs, "last_epoch_batches": self.last_epoch_batches}
 
     def load_state_dict(self, state_dict: dict) -> None:
         self.planned_epochs = state_dict.get("planned_epochs")
-        self.first_epoch_batches = state_dict.get("first_epoch_batches")
+        # Checkpoints of stop 22 could only cut a first (and only) epoch, under the name first_epoch_batches.
+        self.last_epoch_batches = state_dict.get("last_epoch_batches", state_dict.get("first_epoch_batches"))
         self._provisional = bool(state_dict.get("provisional", False))
         self._max_epochs = state_dict.get("max_epochs")
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self.minutes is not None and self.planned_epochs is not None:
-            self._apply(trainer, self.planned_epochs, batches=self.first_epoch_batches)
+            self._apply(trainer, self.planned_epochs, batches=self.last_epoch_batches)
 
     def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._epoch_started = time.monotonic()
@@ -113,12 +118,16 @@ class TimeBudget(pl.Callback):
     # ranks wait forever; crackclf/models/module.py).
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs, batch,
                            batch_idx: int) -> None:
-        if self.minutes is None or trainer.current_epoch != 0:
+        if self.minutes is None:
             return
-        cut = self.first_epoch_batches
-        if cut is not None and batch_idx + 1 >= cut:  # the same batch on every rank: the same decision
-            trainer.should_stop = True
+        last = self.last_epoch_batches
+        if last is not None and trainer.current_epoch == self.planned_epochs - 1 and batch_idx + 1 >= last:
+            trainer.should_stop = True  # the same batch on every rank: the same decision
             return
+        if trainer.current_epoch != 0:
+            return
+        # Inside the first epoch a cut can only be the guard's: the early plan (plan_at) plans whole epochs.
+        cut = last if self.planned_epochs == 1 else None
         if self.planned_epochs is not None and cut is None:
             return
         guard, plan = self._early_batch(trainer, self.guard_at), self._early_batch(trainer, self.plan_at)
@@ -149,15 +158,16 @@ class TimeBudget(pl.Callback):
                 if fits != cut and trainer.is_global_zero:
                     log.info("time budget: timed over %d batches, the first epoch is cut to %d of its %d batches "
                              "instead of %d", batch_idx - self._timing_from[0], fits, batches, cut)
-                self.first_epoch_batches = fits
+                self.last_epoch_batches = fits
                 self._apply(trainer, 1, batches=fits)
                 for logger in trainer.loggers:
-                    logger.log_metrics({"budget/first_epoch_batches": float(fits)}, step=trainer.global_step)
+                    logger.log_metrics({"budget/last_epoch_batches": float(fits),
+                                        "budget/planned_epochs": fits / batches}, step=trainer.global_step)
                 return
         if batch_idx == plan and self.planned_epochs is None:
             rest_of_epoch = step * (batches - batch_idx - 1)
             self._decide(trainer, epoch_seconds=step * batches + validation, left=left - rest_of_epoch,
-                         provisional=True)
+                         validation_seconds=validation, provisional=True)
 
     def _cut_first_epoch(self, trainer: pl.Trainer, batches: int, timed: int, epoch_seconds: float,
                          left: float) -> None:
@@ -169,11 +179,11 @@ class TimeBudget(pl.Callback):
                         "the schedule ends there (more images: a larger callbacks.time_budget.minutes, or a cheaper "
                         "backbone such as experiment=cpu_scratch)", self.minutes, epoch_seconds, timed,
                         max(0.0, left), batches, trainer.num_training_batches)
-        self.first_epoch_batches, self._max_epochs = batches, trainer.max_epochs
+        self.last_epoch_batches, self._max_epochs = batches, trainer.max_epochs
         self._apply(trainer, 1, fit_warmup=True, batches=batches)
         for logger in trainer.loggers:
-            logger.log_metrics({"budget/planned_epochs": 1.0, "budget/first_epoch_batches": float(batches)},
-                               step=trainer.global_step)
+            logger.log_metrics({"budget/planned_epochs": batches / trainer.num_training_batches,
+                                "budget/last_epoch_batches": float(batches)}, step=trainer.global_step)
 
     def on_validation_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._val_started = time.monotonic()
@@ -185,55 +195,88 @@ class TimeBudget(pl.Callback):
         self._val_seconds = now - self._val_started
         if self.minutes is not None:
             left = self.minutes * 60 - (now - PROCESS_STARTED) - self.reserve_seconds - 3 * self._val_seconds
-            self._decide(trainer, epoch_seconds=now - self._epoch_started, left=left)
+            self._decide(trainer, epoch_seconds=now - self._epoch_started, left=left,
+                         validation_seconds=self._val_seconds)
 
-    def _decide(self, trainer: pl.Trainer, epoch_seconds: float, left: float, provisional: bool = False) -> None:
+    def _decide(self, trainer: pl.Trainer, epoch_seconds: float, left: float, validation_seconds: float,
+                provisional: bool = False) -> None:
         """Plan, re-plan a provisional plan, or shorten the plan, from rank zero's clock; ``left``: seconds left for
         training after the current epoch, the reserve and 3 validation passes.
 
-        A plan made early in the first epoch (``provisional``) stands on a guessed validation cost; the first
-        epoch's end re-plans it from the measured epoch, in either direction, while the schedule is still near its
-        top. Later epochs only ever shorten the plan (a busy machine, another process on the cores): the schedule
-        then ends at the new last epoch, which still anneals, instead of stopping at a high learning rate; growing
-        it would raise the learning rate again. Every rank takes part in the broadcast, whatever its own clock
-        says, and follows rank zero."""
+        The plan is counted in training batches: the whole epochs that fit, then a last epoch cut to the batches
+        that fit in what is left (with its own validation pass), when that is at least :data:`MIN_LAST_EPOCH_SHARE`
+        of an epoch. A plan made early in the first epoch (``provisional``) stands on a guessed validation cost and
+        plans whole epochs; the first epoch's end re-plans it from the measured epoch, in either direction, while
+        the schedule is still near its top. Later epochs only ever shorten the plan (a busy machine, another process
+        on the cores): the schedule then ends at the new last step, which still anneals, instead of stopping at a
+        high learning rate; growing it would raise the learning rate again. Every rank takes part in the broadcast,
+        whatever its own clock says, and follows rank zero."""
         done = trainer.current_epoch + 1
+        per_epoch = trainer.num_training_batches
+        per_epoch = int(per_epoch) if math.isfinite(per_epoch) and per_epoch > 0 else 1
         first, replan = self.planned_epochs is None, self._provisional and not provisional
-        fit = done + max(0, math.floor(left / epoch_seconds)) if epoch_seconds > 0 else done
+        whole = max(0, math.floor(left / epoch_seconds)) if epoch_seconds > 0 else 0
+        part = 0
+        step = (epoch_seconds - validation_seconds) / per_epoch
+        if not provisional and step > 0 and per_epoch > 1:
+            part = max(0, math.floor((left - whole * epoch_seconds - validation_seconds) / step))
+            part = min(part, per_epoch - 1) if part >= MIN_LAST_EPOCH_SHARE * per_epoch else 0
+        fit = (done + whole) * per_epoch + part
         if first:
             self._max_epochs = trainer.max_epochs
-        cap = (self._max_epochs or trainer.max_epochs) if first or replan else self.planned_epochs
-        planned = int(trainer.strategy.broadcast(max(done, min(cap, fit)), src=0))
+        if first or replan:
+            cap = (self._max_epochs or trainer.max_epochs) * per_epoch
+        else:
+            cap = self._planned_batches(per_epoch)
+        # Never below what is trained by the end of this epoch (which may itself be a cut last one).
+        floor = done * per_epoch if first or replan else min(done * per_epoch, cap)
+        planned = int(trainer.strategy.broadcast(max(floor, min(cap, fit)), src=0))
+        epochs = -(-planned // per_epoch)
+        last = planned - (epochs - 1) * per_epoch
+        last = last if last < per_epoch else None
         when = "early in the first epoch" if provisional else "after the first epoch"
+        shown = f"{epochs} epoch(s)" if last is None else f"{epochs} epoch(s), the last cut to {last} batches"
         if first:
-            log.info("time budget %.2f min: an epoch takes %.1f s here (%s), %.0f s are left -> %d epoch(s) in "
-                     "all (trainer.max_epochs=%d)", self.minutes, epoch_seconds,
-                     "estimated " + when if provisional else "measured", left, planned, trainer.max_epochs)
-        elif replan and planned != self.planned_epochs:
-            log.info("time budget: the first epoch took %.1f s, %.0f s are left -> %d epoch(s) in all instead of the "
-                     "%d planned early in it", epoch_seconds, left, planned, self.planned_epochs)
-        elif planned < self.planned_epochs:
-            log.warning("time budget: %.0f s left, an epoch takes %.1f s: %d epoch(s) in all instead of %d; the "
-                        "schedule now ends there", left, epoch_seconds, planned, self.planned_epochs)
+            log.info("time budget %.2f min: an epoch takes %.1f s here (%s), %.0f s are left -> %s in all "
+                     "(trainer.max_epochs=%d)", self.minutes, epoch_seconds,
+                     "estimated " + when if provisional else "measured", left, shown, trainer.max_epochs)
+        elif replan and planned != self._planned_batches(per_epoch):
+            log.info("time budget: the first epoch took %.1f s, %.0f s are left -> %s in all instead of the %d "
+                     "epoch(s) planned early in it", epoch_seconds, left, shown, self.planned_epochs)
+        elif planned < self._planned_batches(per_epoch):
+            log.warning("time budget: %.0f s left, an epoch takes %.1f s: %s in all instead of %d batches; the "
+                        "schedule now ends there", left, epoch_seconds, shown, self._planned_batches(per_epoch))
         else:
             self._provisional = self._provisional and provisional
             return
         self._provisional = provisional
-        self._apply(trainer, planned, fit_warmup=provisional)
+        self.last_epoch_batches = last
+        self._apply(trainer, epochs, fit_warmup=provisional, batches=last)
+        metrics = {"budget/planned_epochs": planned / per_epoch}
+        if last is not None:
+            metrics["budget/last_epoch_batches"] = float(last)
         for logger in trainer.loggers:  # rank zero's loggers: the same value everywhere, nothing to reduce
-            logger.log_metrics({"budget/planned_epochs": float(planned)}, step=trainer.global_step)
+            logger.log_metrics(metrics, step=trainer.global_step)
+
+    def _planned_batches(self, per_epoch: int) -> int:
+        """The training batches of the current plan."""
+        last = self.last_epoch_batches if self.last_epoch_batches is not None else per_epoch
+        return (self.planned_epochs - 1) * per_epoch + last
 
     def _apply(self, trainer: pl.Trainer, epochs: int, fit_warmup: bool = False, batches: int | None = None) -> None:
         """Train ``epochs`` epochs in all (Lightning stops after the current one when it is the last) and end the
         step-wise schedule there; with ``fit_warmup`` (the first plan, made during the warm-up) the warm-up becomes
-        its configured share of the planned steps. ``batches``: the one epoch's batches when it was cut. A resumed
+        its configured share of the planned steps. ``batches``: the last epoch's batches when it is cut. A resumed
         run restores its warm-up from the checkpoint."""
         self.planned_epochs = epochs
         trainer.fit_loop.max_epochs = epochs
         if batches is not None:  # trainer.min_epochs (1 in conf/trainer) would override the stop inside the epoch
             trainer.fit_loop.min_epochs = 0
-        per_epoch = batches if batches is not None else trainer.num_training_batches
-        steps = epochs * per_epoch // max(1, trainer.accumulate_grad_batches)
+        per_epoch = trainer.num_training_batches
+        if not math.isfinite(per_epoch):  # an iterable of unknown length: nothing to count steps with
+            return
+        steps = (epochs - 1) * int(per_epoch) + (batches if batches is not None else int(per_epoch))
+        steps //= max(1, trainer.accumulate_grad_batches)
         for config in trainer.lr_scheduler_configs:
             taken = trainer.global_step if fit_warmup else None
             if config.interval == "step" and not set_total_steps(config.scheduler, steps, warmup_from=taken):
