@@ -141,11 +141,16 @@ browser: ## install headless Chromium + chromedriver for the browser test (apt-g
 	  else echo "no chromium/chromedriver and no root apt-get: the browser test will be skipped"; \
 	    [ -z "$(BROWSER_REQUIRED)" ] || exit 1; fi; }
 
-test: $(STAMP) browser ## fast tests (slow ones excluded)
-	$(BIN)/python -m pytest -m "not slow" -q
+# Two pytest workers (pytest-xdist): one test process alone keeps ~1 of 2 cores busy (much of a test is a subprocess
+# starting, a server waiting, a file written), two fill both. TEST_WORKERS=0: one process, in order.
+TEST_WORKERS ?= 2
+PYTEST := $(BIN)/python -m pytest -q $(if $(filter-out 0,$(TEST_WORKERS)),-n $(TEST_WORKERS))
 
-test-all: $(STAMP) browser ## every test, slow ones included
-	$(BIN)/python -m pytest -q
+test: $(STAMP) browser ## fast tests (slow ones excluded) [TEST_WORKERS=2]
+	$(PYTEST) -m "not slow"
+
+test-all: $(STAMP) browser ## every test, slow ones included [TEST_WORKERS=2]
+	$(PYTEST)
 
 ui: $(STAMP) ## MLflow UI on http://127.0.0.1:5000 over ./mlruns
 	$(BIN)/mlflow ui --backend-store-uri sqlite:///$(CURDIR)/mlruns/mlflow.db \

@@ -262,7 +262,7 @@ def test_guard_at_must_be_a_share_of_the_epoch():
         TimeBudget(minutes=5, guard_at=1.5)
 
 
-def test_the_time_an_epoch_does_not_fit_in_goes_to_a_cut_last_epoch(tiny_dataset, tmp_path, monkeypatch):
+def test_the_time_an_epoch_does_not_fit_in_goes_to_a_cut_last_epoch(tiny_dataset, tmp_path, monkeypatch, caplog):
     # Epoch 0 runs from 10 s to 30 s (validation 20-30 s): 10 s for its 3 batches, 3.3 s a step. A 97 s budget
     # leaves 97 - 30 - 3 x 10 = 37 s: one more 20 s epoch, then 17 s of which 10 s are the cut epoch's validation
     # pass: 7 s, 2 more batches. Epoch 1 (30-50 s) confirms it: 97 - 50 - 30 = 17 s, 2 batches.
@@ -270,7 +270,9 @@ def test_the_time_an_epoch_does_not_fit_in_goes_to_a_cut_last_epoch(tiny_dataset
     monkeypatch.setattr(budget_module, "time", clock)
     monkeypatch.setattr(budget_module, "PROCESS_STARTED", 0.0)
     budget = TimeBudget(minutes=97 / 60, reserve_seconds=0)
+    caplog.set_level("INFO", logger="crackclf.training.budget")
     trainer, recorder = _fit(tiny_dataset, tmp_path, budget, max_epochs=6)
+    assert "-> 3 epoch(s) in all, the last cut to 2 of its 3 batches" in caplog.text  # what the user reads
     per_epoch = trainer.num_training_batches
     assert per_epoch == 3  # what the arithmetic above stands on
     assert budget.planned_epochs == 3 and budget.last_epoch_batches == 2

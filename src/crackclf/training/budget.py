@@ -235,16 +235,16 @@ class TimeBudget(pl.Callback):
         last = planned - (epochs - 1) * per_epoch
         last = last if last < per_epoch else None
         when = "early in the first epoch" if provisional else "after the first epoch"
-        shown = f"{epochs} epoch(s)" if last is None else f"{epochs} epoch(s), the last cut to {last} batches"
+        shown = f"{epochs} epoch(s) in all" + (f", the last cut to {last} of its {per_epoch} batches" if last else "")
         if first:
-            log.info("time budget %.2f min: an epoch takes %.1f s here (%s), %.0f s are left -> %s in all "
+            log.info("time budget %.2f min: an epoch takes %.1f s here (%s), %.0f s are left -> %s "
                      "(trainer.max_epochs=%d)", self.minutes, epoch_seconds,
                      "estimated " + when if provisional else "measured", left, shown, trainer.max_epochs)
         elif replan and planned != self._planned_batches(per_epoch):
-            log.info("time budget: the first epoch took %.1f s, %.0f s are left -> %s in all instead of the %d "
+            log.info("time budget: the first epoch took %.1f s, %.0f s are left -> %s instead of the %d "
                      "epoch(s) planned early in it", epoch_seconds, left, shown, self.planned_epochs)
         elif planned < self._planned_batches(per_epoch):
-            log.warning("time budget: %.0f s left, an epoch takes %.1f s: %s in all instead of %d batches; the "
+            log.warning("time budget: %.0f s left, an epoch takes %.1f s: %s instead of %d batches; the "
                         "schedule now ends there", left, epoch_seconds, shown, self._planned_batches(per_epoch))
         else:
             self._provisional = self._provisional and provisional
