@@ -149,11 +149,8 @@ PYTEST := $(BIN)/python -m pytest -q $(if $(filter-out 0,$(TEST_WORKERS)),-n $(T
 test: $(STAMP) browser ## fast tests (slow ones excluded) [TEST_WORKERS=2]
 	$(PYTEST) -m "not slow"
 
-# The slow tests in one process, in order: their signals land on checkpoint boundaries, which a second worker's
-# load has been seen to move (a resumed Ctrl-C run missing an epoch's log, 2 of 3 runs: docs/reliability.md).
-test-all: $(STAMP) browser ## every test, slow ones included (the fast ones on TEST_WORKERS=2, the slow ones on 1)
-	$(PYTEST) -m "not slow"
-	$(BIN)/python -m pytest -q -m slow
+test-all: $(STAMP) browser ## every test, slow ones included, in one run [TEST_WORKERS=2]
+	$(PYTEST)
 
 ui: $(STAMP) ## MLflow UI on http://127.0.0.1:5000 over ./mlruns
 	$(BIN)/mlflow ui --backend-store-uri sqlite:///$(CURDIR)/mlruns/mlflow.db \

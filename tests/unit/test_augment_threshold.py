@@ -32,7 +32,7 @@ def test_strong_augmentation_changes_samples_independently():
 def test_uint8_and_float_inputs_give_the_same_batch():
     images = torch.randint(0, 256, (32, 3, 24, 24), dtype=torch.uint8)
 
-    def augment(batch: torch.Tensor) -> torch.Tensor:  # a fresh instance each time: its noise bank is drawn anew
+    def augment(batch: torch.Tensor) -> torch.Tensor:  # the same seed: the same draws for both inputs
         torch.manual_seed(1)
         return BatchAugment(brightness=0.3, contrast=0.3, saturation=0.3, hue=0.03, jitter_p=0.5, blur_p=0.3,
                             noise_p=0.3)(batch)

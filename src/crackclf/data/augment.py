@@ -87,8 +87,6 @@ class BatchAugment(nn.Module):
         self.grayscale_p = grayscale_p
         self.zoom_out_p, self.zoom_out_scale = zoom_out_p, zoom_out_scale
         self.gamma_p, self.gamma, self.sharpen_p, self.sharpen_amount = gamma_p, gamma, sharpen_p, sharpen_amount
-        self._noise_bank: torch.Tensor | None = None  # see _noise
-        self._noise_uses = 0
 
     @property
     def active(self) -> bool:
@@ -123,24 +121,8 @@ class BatchAugment(nn.Module):
         if self.sharpen_p > 0 and self.sharpen_amount > 0:
             self._sharpen(images)
         if self.noise_p > 0:
-            self._apply(images, self.noise_p, lambda x: (x + self._noise(x) * self.noise_std).clamp_(0.0, 1.0))
+            self._apply(images, self.noise_p, lambda x: (x + torch.randn_like(x) * self.noise_std).clamp_(0.0, 1.0))
         return images
-
-    def _noise(self, like: torch.Tensor) -> torch.Tensor:
-        """Standard Gaussian noise shaped like ``like``: a window at a random offset into a bank of noise drawn once.
-
-        Drawing fresh Gaussian values cost ~1.2 ms per batch on CPU (the random generator is single-threaded), more
-        than any other transform; any window of i.i.d. values is itself i.i.d., so a random window serves as well.
-        The bank is redrawn every 256 uses so that windows do not keep overlapping the same values.
-        """
-        needed, bank = like.numel(), self._noise_bank
-        self._noise_uses += 1
-        if (bank is None or bank.numel() < 2 * needed or bank.device != like.device or bank.dtype != like.dtype
-                or self._noise_uses % 256 == 0):
-            size = max(8 * needed, bank.numel() if bank is not None else 0, 1 << 22)  # 16 MB of float32 at least
-            bank = self._noise_bank = torch.randn(size, device=like.device, dtype=like.dtype)
-        start = int(torch.randint(0, bank.numel() - needed + 1, (1,)))
-        return bank[start:start + needed].view_as(like)
 
     # ------------------------------------------------------------------------------------------------ transforms
     @staticmethod

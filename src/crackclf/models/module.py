@@ -88,6 +88,9 @@ class CrackClassifier(pl.LightningModule):
         self.val_outputs_epoch: int | None = None  # the fit epoch whose validation pass filled val_outputs
         self.test_outputs: list[tuple[torch.Tensor, torch.Tensor]] = []
         self.last_sample_losses: torch.Tensor | None = None
+        # This epoch's training outputs so far (probabilities, labels, summed loss): a checkpoint taken mid-epoch
+        # (Ctrl-C, SIGTERM) carries them, so the resumed epoch's train/* cover the whole epoch (see on_load_checkpoint).
+        self._epoch_outputs: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
         # Set again at each epoch start; here too, because a run resumed mid-epoch skips that hook.
         self._train_started, self._train_images, self._train_elapsed = time.perf_counter(), 0, 0.0
 
@@ -137,6 +140,7 @@ class CrackClassifier(pl.LightningModule):
         loss, probabilities, labels = self._step(batch)
         self.train_metrics.update(probabilities, labels)
         self.train_loss.update(loss.detach(), weight=len(labels))
+        self._epoch_outputs.append((probabilities, labels.detach(), loss.detach() * len(labels)))
         # The bar shows this rank's running loss: a step value, never reduced (see on_train_epoch_end for why the
         # epoch value is not logged here with sync_dist).
         self.log("loss", loss.detach(), on_step=True, on_epoch=False, prog_bar=True, logger=False)
@@ -164,6 +168,7 @@ class CrackClassifier(pl.LightningModule):
         throughput = self.train_throughput.compute() if self.train_throughput.update_count else None
         for metric in (self.train_metrics, self.train_loss, self.train_throughput):
             metric.reset()
+        self._epoch_outputs = []
         # The values are already the same on every rank; sync_dist only tells Lightning so (a mean of equal values),
         # and _record_history below computes that reduction on every rank, in this hook.
         self.log_dict(values, sync_dist=True)
@@ -260,10 +265,17 @@ class CrackClassifier(pl.LightningModule):
 
     # ------------------------------------------------------------------------------------------------- resuming
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        """Keep what is not in the state dict, so a resumed run has the whole history and the right best value."""
+        """Keep what is not in the state dict, so a resumed run has the whole history and the right best value,
+        and the training outputs of the epoch so far (empty at an epoch's start)."""
         best = self.val_acc_best.max_value.item() if self.val_acc_best.update_count else None
-        checkpoint["crackclf_module"] = {"history": self.history, "last_val_acc": self.last_val_acc,
-                                         "val_acc_best": best}
+        state = {"history": self.history, "last_val_acc": self.last_val_acc, "val_acc_best": best}
+        if self._epoch_outputs:
+            state["epoch_so_far"] = {
+                "probabilities": torch.cat([p for p, _, _ in self._epoch_outputs]).float().cpu(),
+                "labels": torch.cat([y for _, y, _ in self._epoch_outputs]).to(torch.uint8).cpu(),
+                "loss_sum": float(sum(s.item() for _, _, s in self._epoch_outputs)),
+            }
+        checkpoint["crackclf_module"] = state
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         state = checkpoint.get("crackclf_module")
@@ -271,6 +283,22 @@ class CrackClassifier(pl.LightningModule):
             self.history, self.last_val_acc = list(state["history"]), state["last_val_acc"]
             if state["val_acc_best"] is not None:
                 self.val_acc_best.update(torch.tensor(state["val_acc_best"]))
+            if state.get("epoch_so_far"):
+                self._replay_epoch_so_far(state["epoch_so_far"])
+
+    def _replay_epoch_so_far(self, so_far: dict[str, Any]) -> None:
+        """Put the training outputs of a checkpoint taken mid-epoch back into the epoch's metrics: the epoch's train/*
+        then cover its batches before the stop too, and an epoch resumed after its last batch (a stop during its
+        validation) still reports them. Under DDP the checkpoint is rank zero's: every rank replays it (the same
+        path on every rank, so that the epoch end's sync pairs up), so rank zero's part before the stop counts once
+        per rank there; one process is exact."""
+        probabilities = so_far["probabilities"].to(self.device)
+        labels = so_far["labels"].to(self.device, torch.long)
+        count = len(labels)
+        self.train_metrics.update(probabilities, labels)
+        self.train_loss.update(torch.tensor(so_far["loss_sum"] / count, device=self.device), weight=count)
+        self._epoch_outputs = [(probabilities, labels, torch.tensor(so_far["loss_sum"], device=self.device))]
+        self._train_images = count
 
     # ------------------------------------------------------------------------------------------------- helpers
     def _record_history(self) -> None:

@@ -202,6 +202,11 @@ class ResumeCheckpoint(Callback):
         self._saved_step = -1
         self._rng: dict[str, Any] | None = None
         self._logging_step: int | None = None  # the logging step counter of the checkpoint resumed from
+        self._stopped_in: str | None = None  # while saving on a stop: "training" or "validation"
+        # The random state at the last point a resumed run can restart from: an epoch's start or the end of its
+        # latest training batch. A stop mid-batch (Ctrl-C, SIGTERM) comes after that batch drew its augmentation and
+        # dropout; a resumed run trains the batch again from the start, so it must draw from the state before.
+        self._rng_at_batch_boundary: dict[str, Any] | None = None
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         for callback in trainer.callbacks:  # a second writer of last.ckpt would save before the epoch is logged
@@ -224,12 +229,31 @@ class ResumeCheckpoint(Callback):
             epoch_loop.scheduler_progress.reset_on_run()
             epoch_loop.automatic_optimization.optim_progress.reset_on_run()
             self._save(trainer)
+        self._rng_at_batch_boundary = capture_rng()
 
     def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any,
                              batch_idx: int) -> None:
+        self._continue_logging_steps(trainer)
+
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any,
+                           batch_idx: int) -> None:
+        self._rng_at_batch_boundary = capture_rng()  # a few microseconds a batch
+
+    def on_validation_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if not trainer.sanity_checking:
+            self._logging_step = None  # resumed in an epoch's validation: Lightning's counter is right (see below)
+
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._logging_step = None
+
+    def _continue_logging_steps(self, trainer: pl.Trainer) -> None:
+        """At the first training batch of a resumed run: the logging step counter as the checkpoint had it."""
         if self._logging_step is not None:
-            # Lightning adds one to this counter on restart, assuming a checkpoint taken before the step was
-            # counted; ours are taken after, and the metric steps must continue exactly where they stopped.
+            # Lightning adds one to this counter when it restarts among an epoch's training batches, assuming a
+            # checkpoint taken before the step was counted; ours are taken after, and the metric steps must continue
+            # exactly where they stopped. Restarted after an epoch's last batch (a stop during its validation) it
+            # adds nothing and counts that step when validation ends, as an uninterrupted run does: there the first
+            # hook is on_validation_start or on_train_epoch_end, and the counter is left alone.
             trainer.fit_loop.epoch_loop._batches_that_stepped = self._logging_step
             self._logging_step = None
 
@@ -240,7 +264,11 @@ class ResumeCheckpoint(Callback):
     def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
         self.in_training_loop = False
         if trainer.state.fn == "fit" and isinstance(exception, (KeyboardInterrupt, SIGTERMException)):
-            self._save(trainer)
+            self._stopped_in = "validation" if trainer.validating else "training"
+            try:
+                self._save(trainer)
+            finally:
+                self._stopped_in = None
             log.info("training stopped by %s; checkpoint saved to %s (continue with resume=auto)",
                      "SIGTERM" if isinstance(exception, SIGTERMException) else "Ctrl-C", self.path)
 
@@ -254,7 +282,11 @@ class ResumeCheckpoint(Callback):
 
     def on_save_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict) -> None:
         journal = [row for logger in _resumable(trainer) for row in logger.journal()]
-        checkpoint[_STATE_KEY] = {"rng": capture_rng(), "metric_journal": journal}
+        stopped = self._stopped_in is not None and self._rng_at_batch_boundary is not None
+        rng = self._rng_at_batch_boundary if stopped else capture_rng()
+        checkpoint[_STATE_KEY] = {"rng": rng, "metric_journal": journal}
+        if self._stopped_in == "validation":
+            _mark_validation_unfinished(checkpoint)
 
     def on_load_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict) -> None:
         state = checkpoint.get(_STATE_KEY) or {}
@@ -266,6 +298,17 @@ class ResumeCheckpoint(Callback):
         self._logging_step = loop_state.get("_batches_that_stepped")
         for logger in _resumable(trainer):
             logger.resume(state.get("metric_journal", []), self._logging_step or 0)
+
+
+def _mark_validation_unfinished(checkpoint: dict) -> None:
+    """Make a checkpoint taken during a validation pass say "stopped inside a validation step", which Lightning's
+    restart runs again. Stopped before that pass's first step had begun (while the loader starts, say), the loop's
+    counters would look like a pass that had finished, and Lightning would skip the epoch's validation: no val/*,
+    no early-stopping or best-checkpoint decision for that epoch."""
+    progress = checkpoint["loops"]["fit_loop"]["epoch_loop.val_loop.batch_progress"]
+    for counts in (progress["total"], progress["current"]):
+        done = counts["completed"]
+        counts.update(ready=done + 1, started=done + 1, processed=done, completed=done)
 
 
 def _resumable(trainer: pl.Trainer) -> list[ResumableMLFlowLogger]:
