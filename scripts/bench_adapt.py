@@ -68,8 +68,13 @@ def link_folder(target: Path, source: Path, photos: dict[str, list[tuple[str, in
         for photo in chosen:
             for relpath, _ in photos[photo]:
                 (target / relpath).parent.mkdir(parents=True, exist_ok=True)
-                os.symlink(source / relpath, target / relpath)
+                # Absolute: a relative --surfaces path would make links that resolve from the temporary folder.
+                os.symlink((source / relpath).absolute(), target / relpath)
                 writer.writerow([relpath, photo])
+
+
+class AdaptationFailed(RuntimeError):
+    """One level's `make adapt` run exited with an error (the curve goes on with the next level)."""
 
 
 def adapt(model: str, data: Path, work: Path, replay: Path | None, extra: list[str]) -> tuple[Path, float]:
@@ -83,7 +88,8 @@ def adapt(model: str, data: Path, work: Path, replay: Path | None, extra: list[s
     result = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True)
     wall = time.perf_counter() - started
     if result.returncode != 0:
-        raise SystemExit(f"adaptation failed ({result.returncode}): {' '.join(command)}\n{result.stderr[-4000:]}")
+        raise AdaptationFailed(f"adaptation failed ({result.returncode}): {' '.join(command)}\n"
+                               f"{result.stderr[-4000:]}")
     return work / "run" / "checkpoints" / "best.ckpt", wall
 
 
@@ -98,7 +104,7 @@ def main() -> None:
     parser.add_argument("overrides", nargs="*", help="extra train.py overrides for the adaptation runs")
     args = parser.parse_args()
     start = Predictor.load(args.model)
-    rows = []
+    rows, failures = [], 0
     print(f"CPU: {cpu_model()}\nmodel {args.model} (threshold {start.threshold:.3f})")
     print(f"  {'surface':<14} {'tiles/class':>11} {'photos':>6} {'used (neg/pos)':>14} {'bal.acc':>7} {'AUROC':>6} "
           f"{'recall':>7} {'false+':>7} {'adapt s':>7}")
@@ -117,7 +123,15 @@ def main() -> None:
                 predictor = start
                 if chosen:
                     link_folder(Path(tmp) / "data", surface, photos, chosen)
-                    checkpoint, wall = adapt(args.model, Path(tmp) / "data", Path(tmp), args.replay, args.overrides)
+                    try:
+                        checkpoint, wall = adapt(args.model, Path(tmp) / "data", Path(tmp), args.replay,
+                                                 args.overrides)
+                    except AdaptationFailed as failure:  # the other levels' results are kept
+                        print(failure, file=sys.stderr, flush=True)
+                        failures += 1
+                        rows.append({"surface": surface.name, "tiles_per_class": per_class, "photos": len(chosen),
+                                     "error": str(failure).splitlines()[-1]})
+                        continue
                     predictor = Predictor.load(checkpoint)
                 metrics = score(predictor, scored)
             rows.append({"surface": surface.name, "tiles_per_class": per_class, "photos": len(chosen),
@@ -128,6 +142,8 @@ def main() -> None:
                   f"{metrics['false_alarm_rate']:>7.2%} {wall:>7.1f}", flush=True)
     if args.out:
         write_json(args.out, {**environment(), "model": args.model, "results": rows})
+    if failures:
+        raise SystemExit(f"{failures} adaptation run(s) failed (above); the other levels' results are kept")
 
 
 if __name__ == "__main__":

@@ -7,6 +7,7 @@ import os
 import signal
 import subprocess
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -14,8 +15,11 @@ import pytest
 from PIL import Image, ImageDraw
 
 # Sleep, not spin, while waiting at OpenMP barriers: test processes share 2 cores, and spinning torch threads of
-# concurrent processes slow each other down by an order of magnitude.
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+# concurrent processes slow each other down by an order of magnitude. Tests of what a user runs drop it again
+# (``run_train(..., user_shell=True)``): a user's shell does not set it.
+SUITE_ENV = {"OMP_WAIT_POLICY": "PASSIVE"}
+for _key, _value in SUITE_ENV.items():
+    os.environ.setdefault(_key, _value)
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = Path(os.environ.get("CRACKCLF_SHARED_DATA", REPO.parent / "shared" / "data" / "concrete_crack"))
@@ -82,14 +86,25 @@ def cache_dir(tmp_path, monkeypatch) -> Path:
     return path
 
 
-def run_train(*overrides: str, cwd: Path | None = None, timeout: float = 600, env: dict | None = None
-              ) -> subprocess.CompletedProcess:
-    """Run ``python train.py`` as a user would, from the repository root unless ``cwd`` is given.
+def subprocess_env(env: dict | None = None, user_shell: bool = False) -> dict[str, str]:
+    """This process's environment with ``env`` on top; ``user_shell``: without the suite's own settings
+    (``SUITE_ENV``), as a user's shell has it."""
+    full_env = {**os.environ, **(env or {})}
+    if user_shell:
+        for key in SUITE_ENV:
+            full_env.pop(key, None)
+    return full_env
+
+
+def run_train(*overrides: str, cwd: Path | None = None, timeout: float = 600, env: dict | None = None,
+              user_shell: bool = False) -> subprocess.CompletedProcess:
+    """Run ``python train.py`` as a user would, from the repository root unless ``cwd`` is given; ``user_shell``:
+    in a user's environment, without the suite's OpenMP setting (``subprocess_env``).
 
     A run still going after ``timeout`` seconds fails the test, with what it printed: the whole process group is
     killed (DDP's other ranks included), so a hang can never hold CI up.
     """
-    full_env = {**os.environ, **(env or {})}
+    full_env = subprocess_env(env, user_shell)
     full_env.setdefault("PYTHONUNBUFFERED", "1")
     command = [sys.executable, str(REPO / "train.py"), *overrides]
     process = subprocess.Popen(command, cwd=cwd or REPO, env=full_env, stdout=subprocess.PIPE,
@@ -165,3 +180,49 @@ def expected_validation_points(client, run_id: str, epochs: int) -> int:
     losses = [m.value for m in history]
     best = losses.index(min(losses))
     return epochs if best == epochs - 1 else epochs + 1
+
+
+@dataclass
+class ValidationRescore:
+    """The validation split of a logged run, scored again in this process by the run's logged model."""
+    rows: list
+    probabilities: np.ndarray
+    labels: np.ndarray
+
+
+def check_final_gap(client, run, data_root: Path, download_to: Path) -> ValidationRescore:
+    """Check a finished run's ``val/acc``, ``train/clean_acc`` and ``train_val_gap`` against what this process
+    measures with the run's logged model, not by ``train.py``'s own subtraction: accuracy at 0.5 over the whole
+    validation split, and the clean training sample (as many rows as validation) as a count that the training split,
+    scored by the same model, allows. Returns the validation scores for further checks."""
+    from crackclf.data.prepare import subsample
+    from crackclf.data.split import read_split
+    from crackclf.inference.predictor import Predictor
+
+    run_id = run.info.run_id
+    split_artifact = next(a.path for a in client.list_artifacts(run_id, "data") if a.path.endswith(".csv"))
+    rows = read_split(client.download_artifacts(run_id, split_artifact, str(download_to)))
+    # The logged split is the whole folder's; a run with data.max_per_class trained on its seeded subsample.
+    cap = run.data.params.get("data.max_per_class", "None")
+    rows = subsample(rows, None if cap in ("None", "null", "") else int(cap), int(run.data.params["data.seed"]))
+    predictor = Predictor.load(f"runs:/{run_id}", workers=1)
+
+    def hits(split: str) -> tuple[list, np.ndarray, np.ndarray]:
+        chosen = [row for row in rows if row.split == split]
+        scores = np.array([p.probability for p in predictor.predict_sources([str(data_root / r.path)
+                                                                             for r in chosen])], dtype=np.float64)
+        return chosen, scores, np.array([row.label for row in chosen])
+
+    val, probabilities, labels = hits("val")
+    val_acc = float(np.mean((probabilities >= 0.5) == labels))
+    metrics = run.data.metrics
+    assert metrics["val/acc"] == pytest.approx(val_acc, abs=1e-6)
+    _, train_scores, train_labels = hits("train")
+    train_hits = (train_scores >= 0.5) == train_labels
+    clean_acc, gap = metrics["train/clean_acc"], metrics["train_val_gap"]
+    sampled_hits = clean_acc * len(val)
+    assert sampled_hits == pytest.approx(round(sampled_hits), abs=1e-6)  # a count out of len(val) images
+    assert len(val) - (~train_hits).sum() <= round(sampled_hits) <= train_hits.sum()  # what the split allows
+    assert gap == pytest.approx(clean_acc - val_acc, abs=1e-6)
+    assert run.data.tags["overfitting"] == str(gap > float(run.data.params["model.max_gap"])).lower()
+    return ValidationRescore(val, probabilities, labels)

@@ -128,9 +128,13 @@ def validate(cfg: DictConfig) -> None:
                  f"callbacks.early_stopping.patience={patience!r} must be an integer >= 0.")
     threshold = cfg.get("threshold")
     if threshold is not None:
-        _require(threshold.mode in ("f1", "recall"), f"threshold.mode={threshold.mode!r} must be 'f1' or 'recall'.")
+        _require(threshold.mode in ("f1", "recall", "balanced"),
+                 f"threshold.mode={threshold.mode!r} must be 'f1', 'recall' or 'balanced'.")
         _require(0 < threshold.target_recall <= 1,
                  f"threshold.target_recall={threshold.target_recall} must be in (0, 1].")
+        _require(not threshold.get("source") or bool(OmegaConf.select(cfg, "data.sources")),
+                 f"threshold.source={threshold.get('source')} names a source of data.sources, but this run has "
+                 "none (one folder, data.root): unset it.")
 
     from crackclf.models.backbone import BackboneError, check_backbone_name, normalise_pretrained
 

@@ -23,11 +23,16 @@ from crackclf.errors import UsageError
 __all__ = ["THRESHOLD_MODES", "accuracy", "balanced_accuracy", "binary_metrics", "choose_threshold",
            "confusion_matrix", "stage_metrics"]
 
-THRESHOLD_MODES = ("f1", "recall")
+THRESHOLD_MODES = ("f1", "recall", "balanced")
 
 
 def stage_metrics(prefix: str, threshold: float = 0.5) -> MetricCollection:
-    """Accuracy, precision, recall, F1 and AUROC of the crack class, named ``<prefix>/acc`` etc."""
+    """Accuracy, precision, recall, F1 and AUROC of the crack class, named ``<prefix>/acc`` etc.; a crack is
+    ``probability >= threshold`` as everywhere in crackclf (the Predictor, :func:`confusion_matrix`)."""
+    # torchmetrics calls ``p > threshold`` a crack: the next float32 below the threshold makes that ``p >= threshold``
+    # for float32 probabilities. It matters: the chosen threshold is one of the validation probabilities, and a
+    # model's saturated probabilities tie with it.
+    threshold = max(0.0, float(np.nextafter(np.float32(threshold), np.float32(-np.inf))))
     return MetricCollection(
         {
             "acc": BinaryAccuracy(threshold=threshold),
@@ -80,7 +85,9 @@ def choose_threshold(probabilities: np.ndarray, labels: np.ndarray, mode: str = 
     """The crack-probability threshold for deployment.
 
     ``mode="f1"`` maximises F1 of the crack class; ``mode="recall"`` returns the highest threshold whose recall is
-    still ≥ ``target_recall`` (a missed crack costs more than a false alarm). Ties prefer the threshold nearest 0.5.
+    still ≥ ``target_recall`` (a missed crack costs more than a false alarm); ``mode="balanced"`` maximises balanced
+    accuracy (the mean of recall and specificity: unlike F1 it does not reward calling everything a crack where
+    most validation images are cracks). Ties prefer the threshold nearest 0.5.
     """
     probabilities, labels = np.asarray(probabilities, dtype=np.float64), np.asarray(labels).astype(bool)
     if mode not in THRESHOLD_MODES:
@@ -100,6 +107,10 @@ def choose_threshold(probabilities: np.ndarray, labels: np.ndarray, mode: str = 
     if mode == "recall":
         ok = recall >= target_recall
         return float(candidates[ok].max()) if ok.any() else float(candidates.min())
-    f1 = np.where(precision + recall > 0, 2 * precision * recall / np.maximum(precision + recall, 1e-12), 0)
-    best = np.flatnonzero(np.isclose(f1, f1.max()))
+    if mode == "balanced":
+        specificity = 1 - (counts - tp) / (labels.size - positives)
+        score = (recall + specificity) / 2
+    else:
+        score = np.where(precision + recall > 0, 2 * precision * recall / np.maximum(precision + recall, 1e-12), 0)
+    best = np.flatnonzero(np.isclose(score, score.max()))
     return float(candidates[best[np.argmin(np.abs(candidates[best] - 0.5))]])

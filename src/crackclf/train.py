@@ -67,7 +67,8 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         trainer.fit(model, datamodule=datamodule, ckpt_path=resume_point.checkpoint if resume_point else None,
                     weights_only=False)  # our own checkpoint: it also holds RNG states and the metric journal
         report = finalize(trainer, model, datamodule, threshold_mode=cfg.threshold.mode,
-                          target_recall=cfg.threshold.target_recall, max_gap=cfg.model.max_gap)
+                          target_recall=cfg.threshold.target_recall, max_gap=cfg.model.max_gap,
+                          threshold_source=cfg.threshold.get("source"))
         info = bundle_info(cfg, model, datamodule, report.threshold, training_run.run_id)
         if report.best_checkpoint and rank == 0:  # one writer: other DDP ranks have no verify report
             write_bundle_info(Path(report.best_checkpoint), info)

@@ -3,16 +3,24 @@ out, through the normal prediction path."""
 
 from __future__ import annotations
 
+import io
 import json
 import subprocess
 import sys
 
 import pytest
+from PIL import Image
 
 from crackclf.data.split import SplitRow, write_split
 from crackclf.inference.predictor import Predictor
 from tests.conftest import REPO
 from tests.served_model import write_model
+
+
+def jpeg_bytes(image: Image.Image) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, "JPEG", quality=95)
+    return buffer.getvalue()
 
 
 def test_shift_benchmark_reports_every_condition_on_the_test_rows(tiny_dataset, tmp_path):
@@ -40,6 +48,14 @@ def test_shift_benchmark_reports_every_condition_on_the_test_rows(tiny_dataset, 
     cracks = [(p, r) for p, r in pairs if r.label == 1]
     assert report[0]["crack_recall"] == pytest.approx(
         sum(p.probability >= predictor.threshold for p, _ in cracks) / len(cracks))
+    # A changed condition is scored on the changed images: grey scale, rendered here as the README describes it (the
+    # image's luminance in all three channels, saved as a JPEG of quality 95), against the unchanged accuracy.
+    grey = [jpeg_bytes(Image.open(tiny_dataset / r.path).convert("L").convert("RGB")) for r in test_rows]
+    grey_correct = sum(int(p.probability >= predictor.threshold) == r.label
+                       for p, r in zip(predictor.predict_sources(grey), test_rows, strict=True))
+    (grey_row,) = [r for r in report if r["condition"] == "grey scale"]
+    assert grey_row["accuracy"] == pytest.approx(grey_correct / len(test_rows))
+    assert grey_row["delta_points"] == pytest.approx(100 * (grey_correct - correct) / len(test_rows), abs=0.01)
 
 
 def test_a_split_without_test_rows_is_refused_by_name(tiny_dataset, tmp_path):

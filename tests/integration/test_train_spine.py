@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 from mlflow.tracking import MlflowClient
 
-from tests.conftest import REPO, expected_validation_points, run_train
+from tests.conftest import REPO, check_final_gap, expected_validation_points, run_train
 
 
 def only_run(uri: str, experiment: str = "crack"):
@@ -64,16 +64,12 @@ def test_short_real_run_reaches_95_percent_and_logs_everything(shared_data, tmp_
                 "train/clean_acc", "train_val_gap"):
         assert key in run.data.metrics, key
     metrics = run.data.metrics
-    # The final gap: an unaugmented training sample against the re-validation of the deployed weights.
-    assert metrics["train/clean_acc"] >= 0.95
-    # The gap against metrics logged apart from it (not train.py's subtraction of its own values): the final val/acc
-    # is the re-validation of the deployed weights, the newest point of Lightning's val/acc history; the overfitting
-    # tag follows from the gap and model.max_gap.
+    assert metrics["train/clean_acc"] >= 0.95 and metrics["test/acc"] >= 0.9  # it learned, on images it never saw
+    # The final val/acc is the re-validation of the deployed weights, the newest point of Lightning's val/acc
+    # history; it and the gap are checked against the logged model scored again here (not train.py's subtraction).
     revalidation = max(val_history, key=lambda m: (m.step, m.timestamp)).value
     assert metrics["val/acc"] == pytest.approx(revalidation, abs=1e-9)
-    assert metrics["train_val_gap"] == pytest.approx(metrics["train/clean_acc"] - revalidation, abs=1e-6)
-    assert run.data.tags["overfitting"] == str(metrics["train_val_gap"] > float(run.data.params["model.max_gap"])
-                                               ).lower()
+    check_final_gap(client, run, shared_data, tmp_path)
     artifacts = artifact_paths(client, run_id)
     assert {"config.yaml", "plots/curves.png", "plots/confusion_test.png", "checkpoints/best.ckpt"} <= artifacts
     assert any(p.startswith("data/split-") and p.endswith(".csv") for p in artifacts)

@@ -5,7 +5,6 @@ offline, local start weights, freeze_epochs, data.class_dirs and threshold.mode=
 from __future__ import annotations
 
 import math
-import os
 import shutil
 import subprocess
 import sys
@@ -16,7 +15,7 @@ import pytest
 import torch
 from mlflow.tracking import MlflowClient
 
-from tests.conftest import REPO, run_train, write_dataset
+from tests.conftest import REPO, run_train, subprocess_env, write_dataset
 
 #: No hub access and an empty hub cache: a model without a weights package has no ImageNet weights to find.
 OFFLINE = {"HF_HUB_OFFLINE": "1"}
@@ -49,7 +48,7 @@ def checkout(tmp_path) -> Path:
 
 def default_store_env(checkout: Path, tmp_path: Path) -> dict[str, str]:
     """The environment of a user who set no MLFLOW_TRACKING_URI, running the copied checkout's code."""
-    env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
+    env = {k: v for k, v in subprocess_env(user_shell=True).items() if k != "MLFLOW_TRACKING_URI"}
     env.update(offline_env(tmp_path), PYTHONPATH=str(checkout / "src"), CRACKCLF_CACHE=str(tmp_path / "cache"),
                PYTHONUNBUFFERED="1")
     return env
@@ -108,7 +107,7 @@ def test_pretrained_true_offline_fails_with_the_fix_and_the_default_uses_its_pac
     """``backbone.pretrained=true`` without reachable weights is an error naming backbone.weights; ``auto`` and
     ``true`` for the default backbone load its installed weights package offline."""
     result = run_train(f"data.root={tiny_dataset}", "backbone=resnet10t", "backbone.pretrained=true",
-                       f"hydra.run.dir={tmp_path / 'run'}", env=offline_env(tmp_path))
+                       f"hydra.run.dir={tmp_path / 'run'}", env=offline_env(tmp_path), user_shell=True)
     assert result.returncode == 2, result.stderr[-3000:]
     assert "backbone.pretrained=true but the weights of 'resnet10t' could not be loaded" in result.stderr
     assert "backbone.weights=" in result.stderr and "Traceback" not in result.stderr
@@ -148,7 +147,7 @@ def test_class_dirs_local_weights_freeze_epochs_and_recall_threshold(tmp_path, m
         f"backbone.weights={tmp_path / 'start.pth'}", "backbone.freeze_epochs=1", "trainer.max_epochs=2",
         "data.image_size=32", "threshold.mode=recall", f"threshold.target_recall={target}",
         "callbacks.model_checkpoint.save_top_k=-1", "callbacks.model_checkpoint.filename='e{epoch}'",
-        f"hydra.run.dir={tmp_path / 'run'}")
+        f"hydra.run.dir={tmp_path / 'run'}", user_shell=True)
     assert result.returncode == 0, result.stderr[-3000:]
     client = MlflowClient(mlflow_uri)
     (run,) = client.search_runs([client.get_experiment_by_name("crack").experiment_id])

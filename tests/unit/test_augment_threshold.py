@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
+import pytest
 import torch
 
 from crackclf.data.augment import BatchAugment
@@ -105,6 +106,36 @@ def test_threshold_f1_and_recall_modes():
     recall_threshold = choose_threshold(probabilities, labels, "recall", target_recall=1.0)
     assert recall_threshold == np.float64(0.3)  # lowest positive: every crack still caught
     assert (probabilities[labels == 1] >= recall_threshold).all()
+
+
+def test_threshold_balanced_mode_does_not_call_everything_a_crack_when_most_images_are_cracks():
+    # 90 cracks and 10 images without, overlapping: F1 gains by calling nearly everything a crack, balanced accuracy
+    # (mean of recall and specificity, brute-forced here) does not.
+    rng = np.random.default_rng(0)
+    labels = np.array([0] * 10 + [1] * 90)
+    probabilities = np.concatenate([rng.uniform(0.0, 0.7, 10), rng.uniform(0.3, 1.0, 90)])
+
+    def balanced(threshold: float) -> float:
+        predicted = probabilities >= threshold
+        return (predicted[labels == 1].mean() + (~predicted[labels == 0]).mean()) / 2
+
+    chosen = choose_threshold(probabilities, labels, "balanced")
+    assert np.isclose(balanced(chosen), max(balanced(t) for t in np.unique(probabilities)))
+    f1_chosen = choose_threshold(probabilities, labels, "f1")
+    assert (probabilities[labels == 0] >= f1_chosen).mean() > (probabilities[labels == 0] >= chosen).mean()
+
+
+def test_metrics_call_a_probability_at_the_threshold_a_crack_like_the_predictor():
+    from crackclf.metrics import binary_metrics, confusion_matrix
+
+    probabilities = np.array([0.2, 0.7, 0.7, 1.0, 1.0], dtype=np.float32)  # ties with the threshold, saturated ones
+    labels = np.array([0, 1, 1, 1, 0])
+    for threshold in (0.7, 1.0, float(np.float32(0.7))):
+        metrics, confusion = binary_metrics(probabilities, labels, threshold)
+        assert (confusion == confusion_matrix(probabilities, labels, threshold)).all()
+        predicted = probabilities >= np.float32(threshold)  # the Predictor's rule (is_crack)
+        assert metrics["recall"] == pytest.approx(predicted[labels == 1].mean()), threshold
+        assert metrics["acc"] == pytest.approx((predicted == labels.astype(bool)).mean()), threshold
 
 
 def test_threshold_degenerate_inputs_fall_back_to_half():

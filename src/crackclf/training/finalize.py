@@ -45,8 +45,10 @@ class FinalReport:
 
 
 def finalize(trainer: Any, model: Any, datamodule: Any, *, threshold_mode: str, target_recall: float,
-             max_gap: float) -> FinalReport:
-    """Reload the best weights, choose the threshold on validation, test, and measure the clean train–val gap."""
+             max_gap: float, threshold_source: str | None = None) -> FinalReport:
+    """Reload the best weights, choose the threshold on validation (on ``threshold_source``'s validation images
+    alone when that source of a multi-source run has both classes there), test, and measure the clean train–val
+    gap."""
     checkpoint = trainer.checkpoint_callback
     best_path = checkpoint.best_model_path if checkpoint is not None else ""
     best_epoch = None
@@ -61,8 +63,9 @@ def finalize(trainer: Any, model: Any, datamodule: Any, *, threshold_mode: str, 
     if val_results is None:
         val_results = trainer.validate(model, datamodule=datamodule, verbose=False)[0]
     val_probabilities, val_labels = model.validation_probabilities()
-    model.decision_threshold = choose_threshold(val_probabilities.numpy(), val_labels.numpy(), threshold_mode,
-                                                target_recall)
+    chosen_probabilities, chosen_labels = _threshold_rows(datamodule, val_probabilities.numpy(), val_labels.numpy(),
+                                                          threshold_source)
+    model.decision_threshold = choose_threshold(chosen_probabilities, chosen_labels, threshold_mode, target_recall)
     # Per source like the overall metrics: validation at 0.5 (as val/acc), test at the chosen threshold.
     per_source = per_source_metrics(datamodule, "val", val_probabilities.numpy(), val_labels.numpy(), 0.5)
     test_results = trainer.test(model, datamodule=datamodule, verbose=False)[0] if datamodule.rows_of("test") else {}
@@ -91,6 +94,35 @@ def finalize(trainer: Any, model: Any, datamodule: Any, *, threshold_mode: str, 
                        per_source=per_source)
 
 
+def _sources_of(datamodule: Any, split: str, probabilities: np.ndarray, labels: np.ndarray
+                ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """A pass's probabilities and labels (gathered over the DDP ranks, in the order ``datamodule.gathered_rows``
+    gives) with each row's source name; rows that DDP padding evaluated twice count once."""
+    rows = datamodule.gathered_rows(split)
+    rows, first = np.unique(rows, return_index=True)  # padding repeats a shard's first rows: keep one of each
+    split_rows = datamodule.rows_of(split)
+    return probabilities[first], labels[first], np.array([split_rows[row].source for row in rows])
+
+
+def _threshold_rows(datamodule: Any, probabilities: np.ndarray, labels: np.ndarray, source: str | None
+                    ) -> tuple[np.ndarray, np.ndarray]:
+    """The validation rows the threshold is chosen on: all, or ``source``'s where it has both classes there."""
+    if not source:
+        return probabilities, labels
+    names = list(datamodule.source_names or ())
+    if source not in names:  # a warning, not an error: the training it comes after is kept
+        log.warning("threshold.source=%s is not a source of this run (its sources: %s); the threshold is chosen on "
+                    "all validation images", source, names or "one folder, data.root")
+        return probabilities, labels
+    probabilities, labels, sources = _sources_of(datamodule, "val", probabilities, labels)
+    chosen = sources == source
+    if len(set(labels[chosen].tolist())) < 2:
+        log.warning("threshold.source=%s: its validation split holds %d image(s), not both classes; the threshold "
+                    "is chosen on all validation images", source, int(chosen.sum()))
+        return probabilities, labels
+    return probabilities[chosen], labels[chosen]
+
+
 def per_source_metrics(datamodule: Any, split: str, probabilities: np.ndarray, labels: np.ndarray,
                        threshold: float) -> dict[str, float]:
     """``<split>/<source>/acc`` and ``<split>/<source>/balanced_acc`` of each source of a multi-source run, from
@@ -99,11 +131,7 @@ def per_source_metrics(datamodule: Any, split: str, probabilities: np.ndarray, l
     names = datamodule.source_names
     if not names or not len(probabilities):
         return {}
-    rows = datamodule.gathered_rows(split)
-    rows, first = np.unique(rows, return_index=True)  # padding repeats a shard's first rows: keep one of each
-    probabilities, labels = probabilities[first], labels[first]
-    split_rows = datamodule.rows_of(split)
-    sources = np.array([split_rows[row].source for row in rows])
+    probabilities, labels, sources = _sources_of(datamodule, split, probabilities, labels)
     metrics: dict[str, float] = {}
     for name in names:
         chosen = sources == name
