@@ -96,6 +96,13 @@ def subprocess_env(env: dict | None = None, user_shell: bool = False) -> dict[st
     return full_env
 
 
+def default_signals() -> None:
+    """``preexec_fn`` of training subprocesses: Ctrl-C (SIGINT) as in a user's terminal. A shell that starts a job
+    in the background without job control (``nohup make test-all &`` in a script) hands its children SIGINT ignored,
+    and Python then never raises KeyboardInterrupt: the Ctrl-C tests would test nothing."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def run_train(*overrides: str, cwd: Path | None = None, timeout: float = 600, env: dict | None = None,
               user_shell: bool = False) -> subprocess.CompletedProcess:
     """Run ``python train.py`` as a user would, from the repository root unless ``cwd`` is given; ``user_shell``:
@@ -108,7 +115,7 @@ def run_train(*overrides: str, cwd: Path | None = None, timeout: float = 600, en
     full_env.setdefault("PYTHONUNBUFFERED", "1")
     command = [sys.executable, str(REPO / "train.py"), *overrides]
     process = subprocess.Popen(command, cwd=cwd or REPO, env=full_env, stdout=subprocess.PIPE,
-                               stderr=subprocess.PIPE, text=True, start_new_session=True)
+                               stderr=subprocess.PIPE, text=True, start_new_session=True, preexec_fn=default_signals)
     try:
         stdout, stderr = process.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:

@@ -16,7 +16,7 @@ import pytest
 import torch
 from mlflow.tracking import MlflowClient
 
-from tests.conftest import REPO, run_train, write_dataset
+from tests.conftest import REPO, default_signals, run_train, write_dataset
 
 # Small and quick: 32 px, 3 batches per epoch, no early stop (every run trains the same number of epochs).
 # mobilenetv3_small_100: the backbone these runs were written for (the default until stop 19). A resumed run is
@@ -37,7 +37,7 @@ def start(data: Path, run_dir: Path, env: dict, *overrides: str) -> subprocess.P
     log = open(run_dir.parent / f"{run_dir.name}.log", "w")  # noqa: SIM115 - closed by the process's end
     return subprocess.Popen([sys.executable, str(REPO / "train.py"), f"data.root={data}", *TRAIN, *overrides,
                              f"hydra.run.dir={run_dir}"], cwd=REPO, env={**os.environ, **env, "PYTHONUNBUFFERED": "1"},
-                            stdout=log, stderr=subprocess.STDOUT)
+                            stdout=log, stderr=subprocess.STDOUT, preexec_fn=default_signals)
 
 
 class SaveWatcher:
