@@ -128,6 +128,7 @@ def validate(cfg: DictConfig) -> None:
                  f"callbacks.early_stopping.patience={patience!r} must be an integer >= 0.")
     threshold = cfg.get("threshold")
     if threshold is not None:
+        # crackclf.metrics.THRESHOLD_MODES, spelled out: importing it loads torchmetrics before a mistake is refused.
         _require(threshold.mode in ("f1", "recall", "balanced"),
                  f"threshold.mode={threshold.mode!r} must be 'f1', 'recall' or 'balanced'.")
         _require(0 < threshold.target_recall <= 1,

@@ -136,3 +136,14 @@ def test_crackclf_debug_shows_the_traceback(tmp_path):
     result, _ = train(tmp_path, "data.root=/nonexistent", env={"CRACKCLF_DEBUG": "1"})
     assert result.returncode == 2 and "Traceback (most recent call last)" in result.stderr
     assert "ConfigError: data.root=/nonexistent is not a folder" in result.stderr
+
+
+def test_threshold_modes_are_the_ones_choose_threshold_knows():
+    from crackclf.metrics import THRESHOLD_MODES
+
+    for mode in THRESHOLD_MODES:
+        validate(compose_cfg(f"threshold.mode={mode}"))
+    with pytest.raises(ConfigError, match="threshold.mode='youden' must be 'f1', 'recall' or 'balanced'"):
+        validate(compose_cfg("threshold.mode=youden"))
+    with pytest.raises(ConfigError, match="threshold.source=new names a source of data.sources"):
+        validate(compose_cfg("threshold.source=new"))
