@@ -3,11 +3,11 @@
     make bench-serve MODEL=outputs/.../checkpoints/best.ckpt
     .venv/bin/python scripts/bench_serve.py --model runs:/<id> --requests 2000 --concurrency 8
 
-It starts the server itself on 127.0.0.1 (a free port; never another host), waits for ``/healthz``, sends a warm-up,
-then ``--requests`` requests from ``--concurrency`` keep-alive connections (real images of the shared data set,
-round-robin), stops the server, and reports p50/p90/p99 latency, throughput, errors by kind and the server's resident
-memory before and after the load, as a table and as JSON (``--out``). It stops by itself: after the last request, or
-at ``--timeout`` seconds.
+It starts the server itself on 127.0.0.1 (a port the OS assigns, read back from the server; never another host), waits
+for ``/healthz``, sends a warm-up, then ``--requests`` requests from ``--concurrency`` keep-alive connections (real
+images of the shared data set, round-robin), stops the server, and reports p50/p90/p99 latency, throughput, errors by
+kind and the server's resident memory before and after the load, as a table and as JSON (``--out``). It stops by
+itself: after the last request, or at ``--timeout`` seconds.
 """
 
 from __future__ import annotations
@@ -18,7 +18,6 @@ import io
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -29,16 +28,11 @@ import numpy as np
 
 from _bench import environment, write_json
 from crackclf.data.images import list_image_files
+from crackclf.serving.commands import bound_url
 from crackclf.utils import repo_root
 
 HOST = "127.0.0.1"  # the benchmark never targets another machine
 BOUNDARY = "crackclf-bench-boundary"
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind((HOST, 0))
-        return sock.getsockname()[1]
 
 
 def rss_mb(pid: int) -> float:
@@ -79,21 +73,28 @@ def multipart(name: str, data: bytes) -> bytes:
     return head + data + f"\r\n--{BOUNDARY}--\r\n".encode()
 
 
-def wait_healthy(port: int, process: subprocess.Popen, timeout: float) -> None:
+def wait_healthy(process: subprocess.Popen, log: Path, timeout: float) -> int:
+    """The port the server bound (``--port 0``: from its start-up line in ``log``), once ``/healthz`` answers."""
     deadline = time.monotonic() + timeout
+    port = None
     while time.monotonic() < deadline:
         if process.poll() is not None:
-            raise SystemExit(f"the server exited with status {process.returncode} before answering /healthz "
-                             "(its messages are above).")
+            raise SystemExit(f"the server exited with status {process.returncode} before answering /healthz:\n"
+                             f"{log.read_text(errors='replace')[-3000:]}")
+        if port is None:
+            url = bound_url(log.read_text(errors="replace"))
+            port = int(url.rsplit(":", 1)[1]) if url else None
         try:
-            connection = http.client.HTTPConnection(HOST, port, timeout=2)
-            connection.request("GET", "/healthz")
-            if connection.getresponse().status == 200:
-                return
+            if port is not None:
+                connection = http.client.HTTPConnection(HOST, port, timeout=2)
+                connection.request("GET", "/healthz")
+                if connection.getresponse().status == 200:
+                    return port
         except OSError:
             pass
         time.sleep(0.2)
-    raise SystemExit(f"the server did not answer /healthz within {timeout:.0f} s.")
+    raise SystemExit(f"the server did not answer /healthz within {timeout:.0f} s:\n"
+                     f"{log.read_text(errors='replace')[-3000:]}")
 
 
 def http_request(port: int, body: bytes) -> bytes:
@@ -191,13 +192,18 @@ def main() -> int:
 
     images = sample_images(args.data, args.images)
     bodies = [multipart(name, data) for name, data in images]
-    port = free_port()
-    command = [sys.executable, "-m", "crackclf.cli", "serve", "--model", args.model, "--host", HOST, "--port",
-               str(port), "--log-level", "warning", "--no-access-log", *args.serve_args]
+    # --port 0: the OS assigns a free port as the server binds it; the server's start-up line (info level, with the
+    # access log off) says which. Its messages go to a file beside the JSON report.
+    command = [sys.executable, "-m", "crackclf.cli", "serve", "--model", args.model, "--host", HOST, "--port", "0",
+               "--log-level", "info", "--no-access-log", *args.serve_args]
     print("server:", " ".join(command), file=sys.stderr)
-    process = subprocess.Popen(command, cwd=repo_root(), start_new_session=True)
+    log = args.out.with_suffix(".server.log")
+    log.parent.mkdir(parents=True, exist_ok=True)
+    with open(log, "wb") as stream:
+        process = subprocess.Popen(command, cwd=repo_root(), stdout=stream, stderr=subprocess.STDOUT,
+                                   start_new_session=True)
     try:
-        wait_healthy(port, process, timeout=min(300.0, args.timeout))
+        port = wait_healthy(process, log, timeout=min(300.0, args.timeout))
         rss_start = rss_mb(process.pid)
         run_load(port, bodies, args.warmup, args.concurrency, deadline)
         rss_before, cpu_before = rss_mb(process.pid), cpu_seconds(process.pid)

@@ -79,6 +79,29 @@ def mlflow_uri(tmp_path, monkeypatch) -> str:
 
 
 @pytest.fixture
+def offline_hub(monkeypatch) -> None:
+    """The Hugging Face hub unreachable, as on an offline machine (and CI): pretrained weights come from an installed
+    package or the local cache, ``pretrained=auto`` falls back to scratch with its warning, and no test waits on the
+    network."""
+    from huggingface_hub import constants as hub_constants
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(hub_constants, "HF_HUB_OFFLINE", True)
+
+
+def check_pretrained_source(policy: object, status: str) -> None:
+    """``status`` (the run's ``pretrained`` tag) is what ``backbone.pretrained=policy`` promises offline."""
+    policy = str(policy).lower()
+    pretrained = status.startswith("package:") or status == "hub"
+    if policy == "false":
+        assert status == "scratch", status
+    elif policy == "true":
+        assert pretrained, f"pretrained=true must load ImageNet weights or fail, got {status!r}"
+    else:
+        assert pretrained or status == "scratch (hub unreachable)", status
+
+
+@pytest.fixture
 def cache_dir(tmp_path, monkeypatch) -> Path:
     """An isolated inventory/split/image cache (``paths.cache_dir`` reads ``CRACKCLF_CACHE``)."""
     path = tmp_path / "cache"

@@ -8,7 +8,6 @@ HTTP, and the web page driven in headless Chromium (Debian's ``chromium`` + ``ch
 from __future__ import annotations
 
 import os
-import re
 import shutil
 import signal
 import subprocess
@@ -24,6 +23,7 @@ import pytest
 from PIL import Image
 
 from crackclf.data.images import open_image
+from crackclf.serving.commands import bound_url
 from tests.conftest import REPO, make_concrete, run_train
 from tests.corpus import bomb_png
 from tests.served_model import DEFAULT_BACKBONE, encode, mosaic, write_model
@@ -54,8 +54,7 @@ def start_server(model: str, folder: Path, *extra: str, env: dict | None = None)
         if process.poll() is not None:
             pytest.fail(f"crackclf serve exited with {process.returncode}:\n{server.output()}")
         if not server.url:
-            bound = re.search(r"Uvicorn running on (http://127\.0\.0\.1:\d+)", server.output())
-            server.url = bound.group(1) if bound else ""
+            server.url = bound_url(server.output()) or ""
         try:
             if server.url and httpx.get(f"{server.url}/healthz", timeout=2).status_code == 200:
                 return server

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import ipaddress
 import logging
+import re
 
 from crackclf.errors import UsageError
 from crackclf.inference.commands import model_arguments
@@ -80,6 +81,18 @@ def _serve(args: argparse.Namespace) -> int:
     uvicorn.run(create_app(predictor, settings), host=args.host, port=args.port, log_level=args.log_level,
                 access_log=not args.no_access_log, server_header=False, timeout_graceful_shutdown=5)
     return 0
+
+
+_BOUND = re.compile(r"Uvicorn running on (http://\S+:\d+)")
+
+
+def bound_url(server_output: str) -> str | None:
+    """The URL a ``crackclf serve`` listens on, read from its start-up line (at ``--log-level info`` or lower).
+
+    Given ``--port 0``, the OS picks a free port as the server binds it; reading it back is how a client learns it
+    (a port probed free and released first could be taken by another process in between)."""
+    found = _BOUND.search(server_output)
+    return found.group(1) if found else None
 
 
 def _is_loopback(host: str) -> bool:
