@@ -26,6 +26,14 @@ CONFIG_DIR = str(config_dir())
 def run(cfg: DictConfig) -> dict[str, Any]:
     """Train, test and log one configuration; returns the final metrics (including the optimised one)."""
     validate(cfg)  # before the heavy imports below: a wrong value is reported in a second or two
+    from crackclf.training.launch import start_ranks_early
+
+    with start_ranks_early(cfg) as early_ranks:  # now, so that their imports and start-up run beside ours
+        return _run_stages(cfg, early_ranks)
+
+
+def _run_stages(cfg: DictConfig, early_ranks: Any) -> dict[str, Any]:
+    """The stages of :func:`run`, with DDP's other processes started (``early_ranks``) or left to Lightning."""
     import pytorch_lightning as pl
     import torch
     from hydra.utils import instantiate
@@ -61,6 +69,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         callbacks = [instantiate(c) for c in (cfg.get("callbacks") or {}).values() if c is not None]
         trainer = instantiate(cfg.trainer, callbacks=[*callbacks, training_run.checkpoints],
                               logger=training_run.loggers or False, plugins=[AtomicCheckpointIO()])
+        early_ranks.attach(trainer)
         training_run.set_tags({"device": describe_device(trainer.strategy.root_device)})
         if started_from:  # what the start model scores here before training: the adaptation's "before"
             training_run.log_metrics(score_start(trainer, model, datamodule))

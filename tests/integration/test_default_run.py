@@ -28,6 +28,10 @@ def test_default_recipe_runs_as_make_train_does(tmp_path, mlflow_uri, cache_dir)
     output = result.stdout + result.stderr
     assert result.returncode == 0, output[-4000:]
     assert "distributed_backend=gloo" in output and "MEMBER: 2/2" in output  # two ranks really ran
+    # Rank one was started with the run, before the data was prepared (crackclf.training.launch), not by
+    # Lightning's launcher at trainer.fit; its output went to the same terminal and it ended with rank zero.
+    assert "started 1 more DDP process(es) before data preparation" in output
+    assert "[rank: 1] Seed set to 42" in output
     assert "Epoch 3: 100%" in output  # the progress bar was on and drew the last epoch
 
     # The budget planned after the first epoch; the focus drew epoch 2 from both ranks' recorded losses (88 rows:

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import imagehash
 import numpy as np
+from filelock import FileLock
 from tqdm import tqdm
 
 from crackclf.data.images import ImageError, iter_image_files, open_image
@@ -124,9 +125,13 @@ def scan(root: Path, class_dirs: tuple[str, ...], cache_dir: Path | None = None,
     """Scan ``root``; reuse a stored inventory from ``cache_dir`` when the files have not changed."""
     root = Path(root)
     files = list_class_files(root, class_dirs)
-    stored = None
-    if cache_dir is not None:
-        stored = Path(cache_dir) / f"inventory-{_fingerprint(root, files)}.csv"
+    if cache_dir is None:
+        return _scan_files(root, class_dirs, files, None, progress)
+    stored = Path(cache_dir) / f"inventory-{_fingerprint(root, files)}.csv"
+    stored.parent.mkdir(parents=True, exist_ok=True)
+    # One scanner per inventory: a second process (another run, DDP's other ranks started early) waits for the
+    # first one's file instead of hashing every image again.
+    with FileLock(str(stored) + ".lock"):
         if stored.exists() and _keys_file(stored).exists():  # an inventory of an older version has no keys: rescan
             records = read_records(stored)
             keys = np.load(_keys_file(stored))
@@ -134,6 +139,12 @@ def scan(root: Path, class_dirs: tuple[str, ...], cache_dir: Path | None = None,
                 for record, row in zip(records, keys, strict=True):
                     record.shift = row if record.ok else None
                 return Inventory(root, class_dirs, records)
+        return _scan_files(root, class_dirs, files, stored, progress)
+
+
+def _scan_files(root: Path, class_dirs: tuple[str, ...], files: list[tuple[str, int]], stored: Path | None,
+                progress: bool) -> Inventory:
+    """Read and hash every listed file (in worker processes); store the result at ``stored`` when given."""
     jobs = [(str(root), relative, label) for relative, label in files]
     workers = worker_count()
     if workers > 1 and len(jobs) > 64:

@@ -16,6 +16,8 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
+from filelock import FileLock
+
 from crackclf.data import inventory as inv
 from crackclf.data.datasets import DataError
 from crackclf.data.shifted import SHIFTED_DUPLICATE_BITS
@@ -127,11 +129,13 @@ def _own_split(readable: list[inv.FileRecord], s: SplitSettings, test_fraction: 
     key = split_key(readable, s.val_fraction, test_fraction, s.seed, s.near_duplicate_bits, parents,
                     s.shifted_duplicate_bits)
     split_path = s.cache_dir / f"split-{key}.csv"
-    if split_path.exists():
-        return read_split(split_path), split_path
-    rows, _ = make_split(readable, s.val_fraction, test_fraction, s.seed, s.near_duplicate_bits, parents,
-                         s.shifted_duplicate_bits)
-    write_split(split_path, rows)
+    split_path.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(split_path) + ".lock"):  # one process splits; another (a DDP rank) reads its file
+        if split_path.exists():
+            return read_split(split_path), split_path
+        rows, _ = make_split(readable, s.val_fraction, test_fraction, s.seed, s.near_duplicate_bits, parents,
+                             s.shifted_duplicate_bits)
+        write_split(split_path, rows)
     return rows, split_path
 
 

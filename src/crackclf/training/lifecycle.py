@@ -94,6 +94,8 @@ class TrainingRun:
         if self.run_id:
             self.loggers.append(instantiate(cfg.logger, run_id=self.run_id))
         elif cfg.get("logger") is not None:  # another logger, or a DDP rank > 0 (Lightning logs on rank zero)
+            if "MLFlowLogger" in str(cfg.logger.get("_target_", "")):
+                tracking.client()  # the store created under its lock: rank zero may be creating it right now
             self.loggers.append(instantiate(cfg.logger))
         if self.rank == 0:
             write_marker(self.output_dir, cfg, self.run_id, "RUNNING")
