@@ -4,6 +4,7 @@ an uninterrupted run), the checkpoints on disk and the final test accuracy."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import random
 import signal
@@ -248,3 +249,44 @@ def test_an_exception_marks_the_run_failed_with_its_traceback(data, tmp_path, ml
     assert text.startswith("Traceback") and "ValueError: Invalid beta parameter" in text
     assert not (tmp_path / "run" / "checkpoints" / "last.ckpt").exists()  # no checkpoint of a failing state
     assert '"status": "FAILED"' in (tmp_path / "run" / "resume.json").read_text()
+
+
+@pytest.mark.slow
+def test_ctrl_c_in_a_terminal_stops_both_ddp_ranks_with_a_checkpoint(data, tmp_path):
+    """Ctrl-C in a terminal reaches every process of the command (rank zero, the rank it started with the run, their
+    workers): both ranks stop together, rank zero saves its checkpoint and marks the run KILLED, nothing is left
+    running, and the observer that ends a run whose rank failed does not kill rank zero for it."""
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    first = tmp_path / "runs" / "first"
+    first.parent.mkdir(parents=True)
+    log_path = first.parent / "first.log"
+    with open(log_path, "w") as log:
+        process = subprocess.Popen(
+            [sys.executable, str(REPO / "train.py"), f"data.root={data}", "trainer=ddp", "trainer.accelerator=cpu",
+             "trainer.devices=2", *TRAIN[1:], "trainer.max_epochs=40", f"hydra.run.dir={first}"],
+            cwd=REPO, env={**os.environ, "MLFLOW_TRACKING_URI": uri, "CRACKCLF_CACHE": str(tmp_path / "cache"),
+                           "PYTHONUNBUFFERED": "1"},
+            stdout=log, stderr=subprocess.STDOUT, preexec_fn=default_signals, start_new_session=True)
+    try:
+        SaveWatcher(process, first / "checkpoints" / "last.ckpt").wait(1)
+        time.sleep(0.3)
+        os.killpg(process.pid, signal.SIGINT)  # what the terminal does: the whole foreground process group
+        code = process.wait(timeout=120)
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:  # rank one and any worker end too
+            try:
+                os.killpg(process.pid, 0)
+            except ProcessLookupError:
+                break
+            time.sleep(0.2)
+        else:
+            pytest.fail("processes of the run were still running 30 s after rank zero ended")
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(process.pid, signal.SIGKILL)
+    text = log_path.read_text()
+    assert "started 1 more DDP process(es) before data preparation" in text and "MEMBER: 2/2" in text
+    assert code == 1, text[-3000:]
+    assert "checkpoint saved to" in text and "ended with status" not in text, text[-3000:]
+    _, run = the_run(uri)
+    assert run.info.status == "KILLED"

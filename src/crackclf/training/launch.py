@@ -72,10 +72,23 @@ class EarlyRanks:
 
     def attach(self, trainer: Any) -> None:
         """Let the trainer's launcher signal these processes as its own: Lightning forwards SIGTERM to them and
-        kills them after a Ctrl-C in rank zero, as it does for the processes it starts."""
+        kills them after a Ctrl-C in rank zero, as it does for the processes it starts. And when rank zero's
+        training stops on an exception (a Ctrl-C reaches every rank), the observer stands down first: the other
+        ranks then end by themselves, and rank zero must finish saving its checkpoint, not be killed for it."""
+        if not self.processes:
+            return
         launcher = getattr(trainer.strategy, "launcher", None)
-        if self.processes and launcher is not None and hasattr(launcher, "procs"):
+        if launcher is not None and hasattr(launcher, "procs"):
             launcher.procs = [_SignalledByLightning(process, self.ending) for process in self.processes]
+        import pytorch_lightning as pl
+
+        ending = self.ending
+
+        class _StandDown(pl.Callback):
+            def on_exception(self, trainer: Any, pl_module: Any, exception: BaseException) -> None:
+                ending.set()
+
+        trainer.callbacks.insert(0, _StandDown())  # before the checkpoint callback's save on the exception
 
     def kill(self) -> None:
         """Kill the processes still running (rank zero failed: they would wait for it in a collective)."""
@@ -114,7 +127,7 @@ class _SignalledByLightning:
         return getattr(self._process, name)
 
 
-def _observe(processes: list[subprocess.Popen], ending: threading.Event, period: float = 1.0) -> None:
+def _observe(processes: list[subprocess.Popen], ending: threading.Event, period: float = 2.0) -> None:
     """When one of DDP's other processes fails, end the whole run: rank zero would otherwise wait for it forever in
     its next collective (as Lightning's own observer does for the processes it starts). Rank zero's worker processes
     (inventory, image cache) go first: killed with it, they would be left running and holding its output open."""
