@@ -32,6 +32,8 @@ def count_for(overrides: list[str], mode: RunMode = RunMode.RUN) -> int:
 def no_launcher(monkeypatch):
     for name in (*launch.LAUNCHER_VARIABLES, "CRACKCLF_EARLY_RANKS"):
         monkeypatch.delenv(name, raising=False)
+    yield
+    HydraConfig.instance().cfg = None  # count_for's config must not outlive the test
 
 
 def test_cpu_ddp_runs_start_their_processes_early_and_nothing_else_does(monkeypatch):
@@ -99,3 +101,19 @@ def test_processes_that_end_well_or_that_rank_zero_stops_itself_are_no_failure()
         assert held.pid == running.pid  # everything else is the process's own
     finally:
         running.kill()
+
+
+def test_rank_zero_failing_kills_the_early_ranks_and_the_environment_is_restored(monkeypatch):
+    """The context around the run: the processes get Lightning's launch variables, a failure of rank zero's run
+    kills them, and afterwards nothing in this interpreter looks launched from outside."""
+    from lightning_fabric.strategies.launchers import subprocess_script
+
+    monkeypatch.setattr(launch, "early_rank_count", lambda cfg: 2)
+    monkeypatch.setattr(subprocess_script, "_hydra_subprocess_cmd",
+                        lambda local_rank: ([sys.executable, "-c", "import time; time.sleep(60)"], None))
+    with pytest.raises(RuntimeError, match="bad data"), launch.start_ranks_early(None) as ranks:
+        assert os.environ["LOCAL_RANK"] == "0" and os.environ["WORLD_SIZE"] == "2"
+        (process,) = ranks.processes
+        raise RuntimeError("bad data")
+    assert process.returncode == -signal.SIGKILL
+    assert not any(name in os.environ for name in ("LOCAL_RANK", "WORLD_SIZE", "MASTER_PORT"))

@@ -162,8 +162,10 @@ def start_ranks_early(cfg: DictConfig) -> Iterator[EarlyRanks]:
     from lightning_fabric.plugins.environments.lightning import find_free_network_port
     from lightning_fabric.strategies.launchers.subprocess_script import _hydra_subprocess_cmd
 
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(find_free_network_port()), NODE_RANK="0",
-                      LOCAL_RANK="0", WORLD_SIZE=str(count))
+    launched = {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(find_free_network_port()), "NODE_RANK": "0",
+                "LOCAL_RANK": "0", "WORLD_SIZE": str(count)}
+    before = {name: os.environ.get(name) for name in launched}
+    os.environ.update(launched)
     processes = []
     for local_rank in range(1, count):
         command, cwd = _hydra_subprocess_cmd(local_rank)
@@ -177,4 +179,11 @@ def start_ranks_early(cfg: DictConfig) -> Iterator[EarlyRanks]:
     except BaseException:
         ranks.kill()
         raise
-    ranks.wait()
+    else:
+        ranks.wait()
+    finally:  # a later run in this interpreter must not look launched from outside
+        for name, value in before.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
