@@ -62,6 +62,17 @@ def atomic_write_text(path: Path, text: str) -> Path:
     return atomic_write(path, lambda tmp: tmp.write_text(text, encoding="utf-8", errors=TEXT_ERRORS))
 
 
+def reserve(path: Path) -> None:
+    """Allocate every block of a (sparse) array file now. Writing into a memory map on a full disk kills the
+    process with SIGBUS; reserving first turns that into an ENOSPC error before any work is done."""
+    with open(path, "r+b") as handle:
+        try:
+            os.posix_fallocate(handle.fileno(), 0, os.fstat(handle.fileno()).st_size)
+        except OSError as error:
+            if error.errno not in (errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL):  # unsupported: write as before
+                raise
+
+
 def worker_count() -> int:
     """CPU cores this process may use (respects affinity masks and containers)."""
     try:

@@ -18,6 +18,6 @@ def test_cold_start_benchmark_times_every_phase(tiny_dataset, tmp_path):
     report = json.loads(out.read_text())
     assert report["images"] == 80  # the 40 + 40 generated files
     phases = report["seconds"]
-    assert len(phases) == 5 and "image caches at 32 px (decode + resize)" in phases
+    assert len(phases) == 5 and "image caches at 32 px (gathered from the scan's pixels)" in phases
     assert all(seconds >= 0 for seconds in phases.values())
     assert "| **total** |" in result.stdout and report["cpu"] in result.stdout

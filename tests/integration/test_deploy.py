@@ -338,9 +338,13 @@ def test_explain_writes_gradcam_and_refuses_onnx(tiny_model, tmp_path, capsys):
 
 
 def test_export_cli_writes_onnx_that_predicts_like_the_eager_model(trained, parity_folder, tmp_path):
-    """``crackclf export`` as a user runs it: parity within 1e-5 on 256 images, and the ONNX file then predicts what
-    the PyTorch weights predict."""
-    tolerance = 1e-5
+    """``crackclf export`` as a user runs it: parity within the default 1e-4 on 256 images (float32 kernels differ
+    between ONNX Runtime and PyTorch by ~1e-5 on some CPUs: 1.1e-5 measured on an Intel Xeon with AVX-512), a
+    tolerance below what the export reaches fails it, and the ONNX file then predicts what the PyTorch weights do."""
+    tolerance = 1e-4
+    strict = cli("export", "--model", str(trained.checkpoint), "--out", str(tmp_path / "strict.onnx"),
+                 "--parity-data", str(parity_folder), "--tolerance", "1e-12", "--no-progress")
+    assert strict.returncode == 1 and "FAILED (above 1e-12)" in strict.stdout, strict.stdout + strict.stderr[-2000:]
     out = tmp_path / "exported.onnx"
     result = cli("export", "--model", str(trained.checkpoint), "--out", str(out), "--parity-data", str(parity_folder),
                  "--tolerance", f"{tolerance:g}", "--no-progress")

@@ -41,16 +41,17 @@ def test_two_trainings_started_together_share_one_store_and_one_cache(tiny_datas
     assert sorted(r.info.status for r in runs) == ["FINISHED", "FINISHED"]
     assert all("test/acc" in r.data.metrics for r in runs)
 
-    # The cache both built: no temporary leftovers, and every array equals a fresh decode of its images.
+    # The cache both used: no temporary leftovers, one store of the images the scan decoded (no split caches
+    # decoded again), and every split's images equal a fresh decode of its files.
     assert not [p.name for p in cache_dir.iterdir() if p.name.endswith(".tmp")]
+    assert len(list(cache_dir.glob("inventory-*.images-32px-*.npy"))) == 1
     module = CrackDataModule(str(tiny_dataset), image_size=32, cache_dir=str(cache_dir), progress=False)
-    module.prepare()
+    module.setup()
     for split in ("train", "val", "test"):
         rows = module.rows_of(split)
-        stored = cache_path(cache_dir, [(r.path, r.md5) for r in rows], 32)
-        assert stored.is_file(), split
-        expected = np.stack([load_resized(r.path, 32) for r in rows])
-        np.testing.assert_array_equal(np.load(stored, mmap_mode="r"), expected)
+        assert not cache_path(cache_dir, [(r.path, r.md5) for r in rows], 32).exists(), split
+        expected = np.stack([load_resized(r.path, 32) for r in rows]).transpose(0, 3, 1, 2)
+        np.testing.assert_array_equal(module._datasets[split].images.numpy(), expected)
 
 
 @pytest.mark.slow
@@ -61,7 +62,8 @@ def test_a_full_cache_disk_fails_the_run_cleanly(tiny_dataset, tmp_path, mlflow_
     if mounted.returncode != 0:
         pytest.skip("cannot mount a tmpfs here (not root); tests/unit/test_disk_full.py simulates the failure")
     try:
-        # Inventory and split CSVs fit in 160 KiB; the 80 cached images (240 KiB) do not.
+        # Inventory and split CSVs fit in 160 KiB; the 80 images at 32 px (240 KiB) do not: the scan goes on
+        # without keeping them, and the image cache then fails.
         result = run_train(f"data.root={tiny_dataset}", *TRAIN, f"hydra.run.dir={tmp_path / 'run'}",
                            env={"CRACKCLF_CACHE": str(disk / "cache")})
         assert result.returncode == 2, result.stderr[-3000:]

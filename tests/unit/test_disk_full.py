@@ -62,7 +62,7 @@ def test_cache_build_when_the_disk_fills_up_simulated(images, tmp_path, monkeypa
     def full(fd, offset, length):
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
 
-    monkeypatch.setattr("crackclf.data.cache.os.posix_fallocate", full)
+    monkeypatch.setattr("crackclf.utils.os.posix_fallocate", full)
     with pytest.raises(DiskFullError, match="no space left on the disk of .*images-64px-40-"):
         build_cache(Path("/"), images, ["x"] * len(images), 64, tmp_path / "cache", progress=False)
     assert no_partial_files(tmp_path / "cache")
@@ -126,3 +126,19 @@ def test_part_files_in_a_data_folder_are_not_images(tmp_path):
     (root / "Positive" / "00009.jpg.part").write_bytes((root / "Positive" / "00000.jpg").read_bytes()[:100])
     files = [relative for relative, _ in list_class_files(root, ("Negative", "Positive"))]
     assert files == ["Negative/00000.jpg", "Negative/00001.jpg", "Positive/00000.jpg", "Positive/00001.jpg"]
+
+
+def test_a_scan_without_room_for_its_decoded_images_keeps_the_inventory(images, tmp_path, monkeypatch, caplog):
+    from crackclf.data.inventory import scan
+
+    def full(fd, offset, length):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr("crackclf.utils.os.posix_fallocate", full)
+    root = Path(images[0]).parents[1]
+    inventory = scan(root, ("Negative", "Positive"), tmp_path / "cache", progress=False, decode_size=64)
+    assert inventory.decoded is None and len(inventory.readable) == len(images)
+    assert "no room to keep the images decoded at 64 px" in caplog.text
+    monkeypatch.undo()  # the inventory was stored: a later scan reads it, with no store to gather from
+    assert scan(root, ("Negative", "Positive"), tmp_path / "cache", progress=False, decode_size=64).decoded is None
+    assert not list((tmp_path / "cache").glob("*.tmp"))

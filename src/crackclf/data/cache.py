@@ -3,13 +3,16 @@
 The file name is a key of the file list, their contents (MD5), the size and the resize method, so a changed
 image or a different ``image_size`` gets its own cache. Building takes a file lock and renames a finished
 temporary file into place, so two sweep jobs that start together build it once and never read half of it.
+
+Where the inventory scan already decoded the images at this size (:class:`DecodedImages`, the scan's store), the
+rows are gathered from there instead: nothing is decoded twice and no second file is written.
 """
 
 from __future__ import annotations
 
-import errno
-import os
+from collections.abc import Sequence
 from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -17,9 +20,51 @@ from filelock import FileLock
 from tqdm import tqdm
 
 from crackclf.data.images import RESIZE_METHOD, ImageError, load_resized
-from crackclf.utils import atomic_write, stable_hash, worker_count
+from crackclf.utils import atomic_write, reserve, stable_hash, worker_count
 
 _CHUNK = 256
+
+
+@dataclass(frozen=True)
+class DecodedImages:
+    """A store of images an inventory scan decoded at ``size`` (``inventory.scan(decode_size=…)``): which file,
+    with which content, is in which row of the array ``file``."""
+
+    file: Path
+    size: int
+    rows: dict[tuple[str, str], int]  #: (absolute path, MD5) → row
+
+    @classmethod
+    def of(cls, root: Path, records: Sequence, file: Path, size: int) -> DecodedImages:
+        """The store ``file`` of a scan of ``root`` whose records (path relative to ``root``, md5) are its rows."""
+        return cls(Path(file), size, {(str(Path(root, r.path)), r.md5): row for row, r in enumerate(records) if r.ok})
+
+
+def _gather(paths: list[Path], md5s: list[str], size: int, decoded: Sequence[DecodedImages]) -> np.ndarray | None:
+    """The images read from the scans' stores, or ``None`` when one of them is in none of the stores.
+
+    The result is an (N, size, size, 3) view of a planar (N, 3, size, size) array: the datamodule keeps images
+    planar, so its transpose back is free, and every byte is written once (copies of large arrays are slow
+    where page faults are: a virtual machine's fresh memory).
+    """
+    stores = [store for store in decoded if store.size == size]
+    where = []
+    for path, md5 in zip(paths, md5s, strict=True):
+        found = next(((number, store.rows[key]) for number, store in enumerate(stores)
+                      if (key := (str(path), md5)) in store.rows), None)
+        if found is None:
+            return None
+        where.append(found)
+    owners = np.array([owner for owner, _ in where], dtype=np.int64).reshape(-1)
+    sources = np.array([row for _, row in where], dtype=np.int64).reshape(-1)
+    planar = np.empty((len(paths), 3, size, size), dtype=np.uint8)
+    for number, store in enumerate(stores):
+        array = np.load(store.file, mmap_mode="r")
+        targets = np.flatnonzero(owners == number)
+        for start in range(0, len(targets), _CHUNK):
+            chunk = targets[start : start + _CHUNK]
+            planar[chunk] = array[sources[chunk]].transpose(0, 3, 1, 2)
+    return planar.transpose(0, 2, 3, 1)
 
 
 def cache_path(cache_dir: Path, files: list[tuple[str, str]], size: int) -> Path:
@@ -43,15 +88,20 @@ def _fill_chunk(args: tuple[str, list[str], int, int]) -> list[tuple[int, str]]:
 
 
 def build_cache(
-    root: Path, relative_paths: list[str], md5s: list[str], size: int, cache_dir: Path, progress: bool = True
+    root: Path, relative_paths: list[str], md5s: list[str], size: int, cache_dir: Path, progress: bool = True,
+    decoded: Sequence[DecodedImages] = (),
 ) -> np.ndarray:
-    """Return the memory-mapped ``(N, size, size, 3)`` uint8 array of the images, building it if needed.
+    """Return the ``(N, size, size, 3)`` uint8 array of the images: gathered from ``decoded`` (the inventory
+    scans' stores) when they hold every image at this size, else memory-mapped from the cache file, built if needed.
 
     Raises:
         ImageError: when a listed image cannot be decoded (the inventory should have excluded it).
     """
-    target = cache_path(cache_dir, list(zip(relative_paths, md5s, strict=True)), size)
     paths = [Path(root, relative) for relative in relative_paths]
+    gathered = _gather(paths, md5s, size, decoded) if decoded else None
+    if gathered is not None:
+        return gathered
+    target = cache_path(cache_dir, list(zip(relative_paths, md5s, strict=True)), size)
     target.parent.mkdir(parents=True, exist_ok=True)
     with FileLock(str(target) + ".lock"):
         if not target.exists():
@@ -59,22 +109,11 @@ def build_cache(
     return np.load(target, mmap_mode="r")
 
 
-def _reserve(path: Path) -> None:
-    """Allocate every block of the (sparse) array file now. Writing into a memory map on a full disk kills the
-    process with SIGBUS; reserving first turns that into an ENOSPC error before any image is decoded."""
-    with open(path, "r+b") as handle:
-        try:
-            os.posix_fallocate(handle.fileno(), 0, os.fstat(handle.fileno()).st_size)
-        except OSError as error:
-            if error.errno not in (errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL):  # unsupported: write as before
-                raise
-
-
 def _build_into(tmp: Path, paths: list[Path], size: int, progress: bool) -> None:
     # np.save appends ".npy" to names without it, so write through an explicit handle.
     array = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint8, shape=(len(paths), size, size, 3))
     del array
-    _reserve(tmp)
+    reserve(tmp)
     jobs = [
         (str(tmp), [str(p) for p in paths[i : i + _CHUNK]], i, size) for i in range(0, len(paths), _CHUNK)
     ]

@@ -121,7 +121,8 @@ class CrackDataModule(pl.LightningDataModule):
             test_fraction=self.test_fraction, max_per_class=self.max_per_class, seed=self.seed,
             split_file=self.split_file, test_root=self.test_root, cache_dir=self.cache_dir,
             near_duplicate_bits=self.near_duplicate_bits, shifted_duplicate_bits=self.shifted_duplicate_bits,
-            min_per_class=self.min_per_class, progress=self.progress)
+            min_per_class=self.min_per_class, progress=self.progress,
+            decode_size=self.image_size if self.cache else None)
         # Only rank zero reports; a DDP rank skips the verify report's near-duplicate search.
         report = rank_zero_only.rank == 0
         if self.sources:
@@ -158,8 +159,9 @@ class CrackDataModule(pl.LightningDataModule):
     def _split_caches(self) -> dict[str, np.ndarray]:
         """Each split's decode-once cache (memory-mapped; built where missing)."""
         # The rows hold absolute paths (a split may mix folders: data.test_root), so the cache's root is "/".
+        decoded = self.prepared.decoded if self.prepared is not None else ()
         return {split: build_cache(Path("/"), [r.path for r in rows], [r.md5 for r in rows], self.image_size,
-                                   self.cache_dir, progress=self.progress)
+                                   self.cache_dir, progress=self.progress, decoded=decoded)
                 for split in SPLITS if (rows := self.rows_of(split))}
 
     def rows_of(self, split: str) -> list[SplitRow]:

@@ -99,6 +99,9 @@ def open_image(
 ) -> Image.Image:
     """Open, fully decode and return an image as RGB with EXIF orientation applied.
 
+    ``info["source_mode"]``, ``info["source_size"]`` and ``info["source_format"]`` of the result describe the file
+    (its mode, its size as displayed, its Pillow format), whatever the draft decode made of it.
+
     Args:
         source: a path, raw bytes or a binary stream.
         max_pixels: refuse images whose header declares more pixels (decompression bombs).
@@ -135,8 +138,10 @@ def open_image(
             if draft_size is not None and image.format == "JPEG":
                 image.draft("RGB", (draft_size, draft_size))
             image.load()  # decode the whole stream now: truncation must surface here, not later
-            source_mode = image.mode
+            source_mode, decoded_size, image_format = image.mode, image.size, image.format
             ImageOps.exif_transpose(image, in_place=True)
+            turned = image.size != decoded_size  # EXIF rotated by 90°: the stored sides swap too
+            source_size = (height, width) if turned else (width, height)
             result = _to_rgb(image)
             if result is image:
                 if getattr(image, "n_frames", 1) > 1:
@@ -144,6 +149,8 @@ def open_image(
                 else:
                     image = None  # load() already closed a single-frame file; a copy showed in serving's profile
             result.info["source_mode"] = source_mode
+            result.info["source_size"] = source_size  # as displayed, before any draft downscale
+            result.info["source_format"] = image_format
             return result
     except ImageError:
         raise
@@ -188,6 +195,29 @@ def _to_rgb(image: Image.Image) -> Image.Image:
         background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
         return Image.alpha_composite(background, rgba).convert("RGB")
     return image.convert("RGB")
+
+
+#: (format, width, height, first, second) → whether the two draft sizes decode at the same scale.
+_SAME_DRAFT: dict[tuple, bool] = {}
+
+
+def same_draft(data: bytes, image: Image.Image, first: int, second: int) -> bool:
+    """Whether :func:`open_image` with ``draft_size=first`` and with ``draft_size=second`` decodes ``data`` to
+    the same pixels (a JPEG at the same scale, or any other format, which has no draft mode). ``image``: what
+    :func:`open_image` returned for ``data``; the answer depends only on its format and size."""
+    key = (image.info["source_format"], *image.info["source_size"], first, second)  # the scale is symmetric in w, h
+    if key in _SAME_DRAFT:
+        return _SAME_DRAFT[key]
+    if key[0] != "JPEG":
+        _SAME_DRAFT[key] = True
+        return True
+    with Image.open(io.BytesIO(data)) as probe:
+        probe.draft("RGB", (first, first))  # sets the scaled size without decoding
+        scaled = probe.size
+    with Image.open(io.BytesIO(data)) as probe:  # a second draft() on one image object is ignored
+        probe.draft("RGB", (second, second))
+        _SAME_DRAFT[key] = probe.size == scaled
+    return _SAME_DRAFT[key]
 
 
 def load_resized(source: ImageSource, size: int, *, max_pixels: int = DEFAULT_MAX_PIXELS,

@@ -1,7 +1,8 @@
 """Scan a class-folder tree, hash every file (content and perceptual), and report what is in it.
 
-The inventory is computed once per data set (in parallel, every file fully decoded) and stored as a CSV keyed
-by the files' names, sizes and modification times, so later runs and sweep jobs reuse it.
+The inventory is computed once per data set (in parallel; every file decoded in full, at the reduced scale of
+:data:`HASH_DRAFT`) and stored as a CSV keyed by the files' names, sizes and modification times, so later runs and
+sweep jobs reuse it. The same decode can fill the image cache's rows (``scan(decode_size=…)``).
 """
 
 from __future__ import annotations
@@ -9,6 +10,7 @@ from __future__ import annotations
 import csv
 import hashlib
 import json
+import logging
 from collections import Counter, defaultdict
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field, fields
@@ -19,10 +21,28 @@ import numpy as np
 from filelock import FileLock
 from tqdm import tqdm
 
-from crackclf.data.images import ImageError, iter_image_files, open_image
+from crackclf.data.images import (
+    RESIZE_METHOD,
+    ImageError,
+    iter_image_files,
+    load_resized,
+    open_image,
+    resize_array,
+    same_draft,
+)
 from crackclf.data.shifted import KEYS_PER_IMAGE, shift_keys
 from crackclf.errors import UsageError
-from crackclf.utils import TEXT_ERRORS, atomic_write, atomic_write_text, stable_hash, worker_count
+from crackclf.utils import (
+    TEXT_ERRORS,
+    DiskFullError,
+    atomic_write,
+    atomic_write_text,
+    reserve,
+    stable_hash,
+    worker_count,
+)
+
+log = logging.getLogger(__name__)
 
 #: Two images whose 64-bit perceptual hashes (``imagehash.phash``) differ in at most this many bits are
 #: treated as near-duplicates: the largest threshold at which no pair crosses the classes and no group chained by
@@ -63,6 +83,8 @@ class Inventory:
     root: Path
     class_dirs: tuple[str, ...]
     records: list[FileRecord] = field(default_factory=list)
+    #: The scan's store of every record's pixels at one image size (``scan(decode_size=…)``), where there is one.
+    decoded: Path | None = None
 
     @property
     def readable(self) -> list[FileRecord]:
@@ -89,28 +111,58 @@ def list_class_files(root: Path, class_dirs: tuple[str, ...]) -> list[tuple[str,
     return found
 
 
-def _scan_one(args: tuple[str, str, int]) -> FileRecord:
-    root, relative, label = args
-    path = Path(root, relative)
+#: The hashes are computed from a JPEG draft decode at this size (libjpeg scales by 1/2, 1/4 or 1/8 while both
+#: sides stay at least this large): the phash needs 32 px and the window hashes 64. Decoding at reduced scale is
+#: cheaper, and for the default image size (96 px) it is the very decode the image cache needs, so a cold start
+#: decodes every image once (:data:`HASH_METHOD` is part of a stored inventory's key).
+HASH_DRAFT = 64
+HASH_METHOD = f"draft{HASH_DRAFT}"
+#: Files per scan job: a worker process writes its decoded rows into the memory-mapped store itself.
+_CHUNK = 64
+
+
+def _scan_chunk(args: tuple[str, list[tuple[str, int]], int, str | None, int | None]) -> list[FileRecord]:
+    """Scan ``files``; with a store, also write each one's ``decode_size`` pixels into rows ``start…`` of it."""
+    root, files, start, store_file, decode_size = args
+    store = np.load(store_file, mmap_mode="r+") if store_file else None
+    records = []
+    for offset, (relative, label) in enumerate(files):
+        record, pixels = _scan_one(Path(root, relative), relative, label, decode_size)
+        if store is not None and pixels is not None:
+            store[start + offset] = pixels
+        records.append(record)
+    if store is not None:
+        store.flush()
+    return records
+
+
+def _scan_one(path: Path, relative: str, label: int, decode_size: int | None) -> tuple[FileRecord, np.ndarray | None]:
+    """Hash one file; with ``decode_size``, also return its pixels as :func:`load_resized` gives them."""
     record = FileRecord(path=relative, label=label)
+    pixels = None
     try:
         data = path.read_bytes() if path.is_file() else b""
         record.md5 = hashlib.md5(data).hexdigest() if data else ""
-        image = open_image(path)
-        record.width, record.height = image.size
+        image = open_image(data or path, draft_size=HASH_DRAFT)
+        record.width, record.height = image.info["source_size"]
         record.mode = image.info["source_mode"]
+        if decode_size is not None:  # the cache's decode: this one where the draft scale is the same
+            same = same_draft(data, image, HASH_DRAFT, decode_size)
+            pixels = resize_array(image, decode_size) if same else load_resized(data, decode_size)
         grey = image.convert("L")  # phash converts to grey first itself: once for both hashes
         record.phash = str(imagehash.phash(grey))
         record.shift = shift_keys(grey)
     except ImageError as error:
         record.error = error.reason
+        pixels = None
     except OSError as error:  # unreadable (permissions) or vanished between listing and reading
         record.error = f"cannot read ({error.strerror or error})"
-    return record
+        pixels = None
+    return record, pixels
 
 
 def _fingerprint(root: Path, files: list[tuple[str, int]]) -> str:
-    """Cheap key of the file list: names, labels, sizes and mtimes (no reading)."""
+    """Cheap key of the file list: names, labels, sizes and mtimes (no reading), and how the hashes are made."""
     entries = []
     for relative, label in files:
         try:
@@ -118,15 +170,21 @@ def _fingerprint(root: Path, files: list[tuple[str, int]]) -> str:
             entries.append((relative, label, stat.st_size, stat.st_mtime_ns))
         except OSError:
             entries.append((relative, label, -1, -1))
-    return stable_hash(entries)
+    return stable_hash({"files": entries, "hashes": HASH_METHOD})
 
 
-def scan(root: Path, class_dirs: tuple[str, ...], cache_dir: Path | None = None, progress: bool = True) -> Inventory:
-    """Scan ``root``; reuse a stored inventory from ``cache_dir`` when the files have not changed."""
+def scan(root: Path, class_dirs: tuple[str, ...], cache_dir: Path | None = None, progress: bool = True,
+         decode_size: int | None = None) -> Inventory:
+    """Scan ``root``; reuse a stored inventory from ``cache_dir`` when the files have not changed.
+
+    ``decode_size``: when the scan runs (nothing stored yet), also keep every readable image at this size, as
+    :func:`~crackclf.data.images.load_resized` gives it, in a store beside the inventory (``Inventory.decoded``),
+    from which the image caches take their rows instead of decoding the files again.
+    """
     root = Path(root)
     files = list_class_files(root, class_dirs)
     if cache_dir is None:
-        return _scan_files(root, class_dirs, files, None, progress)
+        return _scan_files(root, class_dirs, files, None, progress, None)
     stored = Path(cache_dir) / f"inventory-{_fingerprint(root, files)}.csv"
     stored.parent.mkdir(parents=True, exist_ok=True)
     # One scanner per inventory: a second process (another run, DDP's other ranks started early) waits for the
@@ -138,22 +196,25 @@ def scan(root: Path, class_dirs: tuple[str, ...], cache_dir: Path | None = None,
             if len(keys) == len(records):
                 for record, row in zip(records, keys, strict=True):
                     record.shift = row if record.ok else None
-                return Inventory(root, class_dirs, records)
-        return _scan_files(root, class_dirs, files, stored, progress)
+                decoded = _decoded_file(stored, decode_size) if decode_size is not None else None
+                return Inventory(root, class_dirs, records, decoded if decoded and decoded.exists() else None)
+        return _scan_files(root, class_dirs, files, stored, progress, decode_size)
 
 
 def _scan_files(root: Path, class_dirs: tuple[str, ...], files: list[tuple[str, int]], stored: Path | None,
-                progress: bool) -> Inventory:
+                progress: bool, decode_size: int | None) -> Inventory:
     """Read and hash every listed file (in worker processes); store the result at ``stored`` when given."""
-    jobs = [(str(root), relative, label) for relative, label in files]
-    workers = worker_count()
-    if workers > 1 and len(jobs) > 64:
-        with ProcessPoolExecutor(workers) as pool:
-            results = pool.map(_scan_one, jobs, chunksize=64)
-            records = list(tqdm(results, total=len(jobs), desc="hashing images", disable=not progress, unit="img"))
-    else:
-        records = [_scan_one(job) for job in tqdm(jobs, desc="hashing images", disable=not progress, unit="img")]
-    inventory = Inventory(root, class_dirs, records)
+    decoded = _decoded_file(stored, decode_size) if stored is not None and decode_size is not None else None
+    holder: list[list[FileRecord]] = []
+    if decoded is not None:  # the store is complete when it appears, and before the CSV that a waiting process reads
+        try:
+            atomic_write(decoded, lambda tmp: holder.append(_hash_files(root, files, tmp, decode_size, progress)))
+        except DiskFullError as error:  # its space is reserved before any decoding: the scan goes on without it
+            log.warning("no room to keep the images decoded at %d px beside the inventory (%s): scanning without "
+                        "them; the image cache decodes them again", decode_size, error)
+            decoded = None
+    records = holder[0] if holder else _hash_files(root, files, None, None, progress)
+    inventory = Inventory(root, class_dirs, records, decoded)
     if stored is not None:
         keys = np.zeros((len(records), KEYS_PER_IMAGE), dtype=np.uint64)
         for row, record in enumerate(records):
@@ -164,9 +225,37 @@ def _scan_files(root: Path, class_dirs: tuple[str, ...], files: list[tuple[str, 
     return inventory
 
 
+def _hash_files(root: Path, files: list[tuple[str, int]], store: Path | None, decode_size: int | None,
+                progress: bool) -> list[FileRecord]:
+    """The records of ``files`` in order; with ``store``, their pixels written into it (a new array file)."""
+    if store is not None:
+        np.lib.format.open_memmap(store, mode="w+", dtype=np.uint8, shape=(len(files), decode_size, decode_size, 3))
+        reserve(store)
+    jobs = [(str(root), files[i : i + _CHUNK], i, str(store) if store else None, decode_size)
+            for i in range(0, len(files), _CHUNK)]
+    records: list[FileRecord] = []
+    with tqdm(total=len(files), desc="hashing images", disable=not progress, unit="img") as bar:
+        workers = min(worker_count(), len(jobs))
+        if workers > 1 and len(files) > _CHUNK:
+            with ProcessPoolExecutor(workers) as pool:
+                for chunk in pool.map(_scan_chunk, jobs):
+                    records += chunk
+                    bar.update(len(chunk))
+        else:
+            for job in jobs:
+                records += _scan_chunk(job)
+                bar.update(len(job[1]))
+    return records
+
+
 def _save_array(path: Path, array: np.ndarray) -> None:
     with open(path, "wb") as handle:  # np.save appends ".npy" to a bare temporary name
         np.save(handle, array)
+
+
+def _decoded_file(inventory_csv: Path, size: int) -> Path:
+    """The store of a stored inventory's images decoded at ``size`` (one row per record, zeros if unreadable)."""
+    return inventory_csv.with_suffix(f".images-{size}px-{stable_hash(RESIZE_METHOD, 8)}.npy")
 
 
 def _keys_file(inventory_csv: Path) -> Path:

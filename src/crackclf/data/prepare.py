@@ -19,6 +19,7 @@ from typing import Any
 from filelock import FileLock
 
 from crackclf.data import inventory as inv
+from crackclf.data.cache import DecodedImages
 from crackclf.data.datasets import DataError
 from crackclf.data.shifted import SHIFTED_DUPLICATE_BITS
 from crackclf.data.split import (
@@ -60,6 +61,9 @@ class SplitSettings:
     shifted_duplicate_bits: int | None = SHIFTED_DUPLICATE_BITS
     min_per_class: int = 10
     progress: bool = True
+    #: A fresh inventory scan also keeps every image decoded at this size (the run's image size), so the image
+    #: caches gather their rows instead of decoding the files a second time (``PreparedData.decoded``).
+    decode_size: int | None = None
 
 
 @dataclass(frozen=True)
@@ -71,6 +75,7 @@ class PreparedData:
     split_path: Path
     split_summary: SplitSummary
     verify_report: dict | None  #: ``None`` where it was not made (DDP ranks other than zero)
+    decoded: tuple[DecodedImages, ...] = ()  #: the scans' stores of decoded images, where they have them
 
     def rows_of(self, split: str) -> list[SplitRow]:
         """The rows of one split, in their stored order."""
@@ -86,7 +91,8 @@ def prepare_rows(root: Path, settings: SplitSettings, report: bool = True) -> Pr
         DataError: a class has fewer than ``settings.min_per_class`` readable training images.
     """
     s = settings
-    inventory = inv.scan(root, s.class_dirs, s.cache_dir, progress=s.progress)
+    inventory = inv.scan(root, s.class_dirs, s.cache_dir, progress=s.progress, decode_size=s.decode_size)
+    decoded = [_decoded(inventory, s)]
     verify_report = inv.verify_report(inventory, s.class_names, s.near_duplicate_bits) if report else None
     for bad in inventory.unreadable:
         log.warning("excluded unreadable image %s/%s: %s", root, bad.path, bad.error)
@@ -107,7 +113,9 @@ def prepare_rows(root: Path, settings: SplitSettings, report: bool = True) -> Pr
         rows, split_path = _own_split(readable, s, test_fraction, None)
     test_rows: list[SplitRow] = []
     if s.test_root:
-        test_inventory = inv.scan(s.test_root, s.class_dirs, s.cache_dir, progress=s.progress)
+        test_inventory = inv.scan(s.test_root, s.class_dirs, s.cache_dir, progress=s.progress,
+                                  decode_size=s.decode_size)
+        decoded.append(_decoded(test_inventory, s))
         rows, removed = drop_test_overlap([r for r in rows if r.split != "test"], readable,
                                           test_inventory.readable, s.near_duplicate_bits)
         if removed:
@@ -119,7 +127,14 @@ def prepare_rows(root: Path, settings: SplitSettings, report: bool = True) -> Pr
     rows = [SplitRow(str(root / r.path), r.label, r.group, r.split, r.md5) for r in rows] + test_rows
     kept = subsample(rows, s.max_per_class, s.seed)
     check_class_sizes(kept, root, s)
-    return PreparedData(root, tuple(kept), split_path, summary, verify_report)
+    return PreparedData(root, tuple(kept), split_path, summary, verify_report, tuple(d for d in decoded if d))
+
+
+def _decoded(inventory: inv.Inventory, s: SplitSettings) -> DecodedImages | None:
+    """The inventory's store of decoded images, where its scan kept one at ``s.decode_size``."""
+    if inventory.decoded is None or s.decode_size is None:
+        return None
+    return DecodedImages.of(inventory.root, inventory.records, inventory.decoded, s.decode_size)
 
 
 def _own_split(readable: list[inv.FileRecord], s: SplitSettings, test_fraction: float,
@@ -250,10 +265,13 @@ def prepare_sources(sources: Sequence[DataSource], settings: SplitSettings, repo
     rows: list[SplitRow] = []
     verify_report = None
     split_paths = []
+    decoded: list[DecodedImages | None] = []
     group_offset = 0
     for number, source in enumerate(sources):
         assert source.root is not None, "resolve the reference data set's root before preparing"
-        inventory = inv.scan(source.root, source.class_dirs, s.cache_dir, progress=s.progress)
+        inventory = inv.scan(source.root, source.class_dirs, s.cache_dir, progress=s.progress,
+                             decode_size=s.decode_size)
+        decoded.append(_decoded(inventory, s))
         if report and number == 0:
             verify_report = inv.verify_report(inventory, s.class_names, s.near_duplicate_bits)
         for bad in inventory.unreadable:
@@ -269,4 +287,5 @@ def prepare_sources(sources: Sequence[DataSource], settings: SplitSettings, repo
     rows.sort(key=lambda r: (SPLITS.index(r.split), r.path))
     combined = s.cache_dir / f"split-sources-{stable_hash([str(p) for p in split_paths] + [s.max_per_class])}.csv"
     write_split(combined, rows)
-    return PreparedData(sources[0].root, tuple(rows), combined, summarize(rows), verify_report)
+    return PreparedData(sources[0].root, tuple(rows), combined, summarize(rows), verify_report,
+                        tuple(d for d in decoded if d))
