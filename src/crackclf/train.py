@@ -59,6 +59,7 @@ def _run_stages(cfg: DictConfig, early_ranks: Any) -> dict[str, Any]:
     keep_freed_memory()  # no page-fault churn from the same big tensors freed and re-allocated every batch
 
     with TrainingRun(cfg, resume_point, rank) as training_run:
+        training_run.open_store_early()  # on ranks > 0, while rank zero prepares the data
         datamodule = instantiate(cfg.data, augment=instantiate(cfg.augmentation))
         datamodule.prepare(prefetch_cache=True)  # decoded while the model, MLflow run and DDP ranks start
         model = instantiate(cfg.model)

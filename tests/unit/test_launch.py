@@ -106,10 +106,8 @@ def test_processes_that_end_well_or_that_rank_zero_stops_itself_are_no_failure()
 def test_rank_zero_failing_kills_the_early_ranks_and_the_environment_is_restored(monkeypatch):
     """The context around the run: the processes get Lightning's launch variables, a failure of rank zero's run
     kills them, and afterwards nothing in this interpreter looks launched from outside."""
-    from lightning_fabric.strategies.launchers import subprocess_script
-
     monkeypatch.setattr(launch, "early_rank_count", lambda cfg: 2)
-    monkeypatch.setattr(subprocess_script, "_hydra_subprocess_cmd",
+    monkeypatch.setattr(launch, "child_command",
                         lambda local_rank: ([sys.executable, "-c", "import time; time.sleep(60)"], None))
     with pytest.raises(RuntimeError, match="bad data"), launch.start_ranks_early(None) as ranks:
         assert os.environ["LOCAL_RANK"] == "0" and os.environ["WORLD_SIZE"] == "2"
@@ -117,3 +115,21 @@ def test_rank_zero_failing_kills_the_early_ranks_and_the_environment_is_restored
         raise RuntimeError("bad data")
     assert process.returncode == -signal.SIGKILL
     assert not any(name in os.environ for name in ("LOCAL_RANK", "WORLD_SIZE", "MASTER_PORT"))
+
+
+def test_the_child_command_is_the_one_lightnings_launcher_builds(monkeypatch, tmp_path):
+    """Built without importing Lightning (it takes seconds); must stay what Lightning's script launcher runs."""
+    from lightning_fabric.strategies.launchers.subprocess_script import _hydra_subprocess_cmd
+
+    cfg = compose_train(CPU_DDP)
+    cfg.hydra.run.dir = str(tmp_path / "run folder")
+    cfg.hydra.runtime.cwd = str(tmp_path)
+    HydraConfig.instance().set_config(cfg)
+    monkeypatch.setattr(sys, "argv", ["train.py", "experiment=cpu_fast", "data.root=/data/x"])
+    for local_rank in (1, 3):
+        ours, lightnings = launch.child_command(local_rank), _hydra_subprocess_cmd(local_rank)
+        assert list(ours[0]) == list(lightnings[0]) and ours[1] == lightnings[1] == str(tmp_path)
+    monkeypatch.setenv("STANDALONE_PORT", "29517")
+    assert launch.free_port() == 29517
+    monkeypatch.delenv("STANDALONE_PORT")
+    assert 0 < launch.free_port() < 65536

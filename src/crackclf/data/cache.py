@@ -10,6 +10,7 @@ rows are gathered from there instead: nothing is decoded twice and no second fil
 
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
@@ -73,17 +74,35 @@ def cache_path(cache_dir: Path, files: list[tuple[str, str]], size: int) -> Path
     return Path(cache_dir) / f"images-{size}px-{len(files)}-{key}.npy"
 
 
+def write_rows(array_file: str | Path, start: int, rows: np.ndarray) -> None:
+    """Write ``rows`` (uint8, the file's row shape) into rows ``start…`` of an ``.npy`` file, in one ``pwrite``.
+
+    Not through a memory map: filling a file's pages by writing into its mapping costs a page fault per 4 KiB,
+    which on a virtual machine made writing the 30,000 cached images several times slower than this.
+    """
+    with open(array_file, "r+b") as handle:
+        version = np.lib.format.read_magic(handle)
+        read_header = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+        shape, _, _ = read_header(handle)
+        row_bytes = int(np.prod(shape[1:], dtype=np.int64))
+        rows = np.ascontiguousarray(rows, dtype=np.uint8)
+        if rows.size != len(rows) * row_bytes or start + len(rows) > shape[0]:
+            raise ValueError(f"{array_file}: rows {start}..{start + len(rows)} of shape {rows.shape[1:]} do not fit "
+                             f"an array of shape {shape}")
+        os.pwrite(handle.fileno(), rows.data, handle.tell() + start * row_bytes)
+
+
 def _fill_chunk(args: tuple[str, list[str], int, int]) -> list[tuple[int, str]]:
     """Decode ``paths`` into rows ``start…`` of the (temporary) array file; returns failures."""
     array_file, paths, start, size = args
-    array = np.load(array_file, mmap_mode="r+")
+    rows = np.zeros((len(paths), size, size, 3), dtype=np.uint8)
     failures = []
     for offset, path in enumerate(paths):
         try:
-            array[start + offset] = load_resized(path, size)
+            rows[offset] = load_resized(path, size)
         except ImageError as error:
             failures.append((start + offset, str(error)))
-    array.flush()
+    write_rows(array_file, start, rows)
     return failures
 
 

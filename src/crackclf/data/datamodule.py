@@ -106,8 +106,8 @@ class CrackDataModule(pl.LightningDataModule):
 
     # ----------------------------------------------------------------------------------------------- preparation
     def prepare(self, prefetch_cache: bool = False) -> None:
-        """Scan and split (idempotent; safe to call before the Trainer exists). With ``prefetch_cache``, rank zero
-        starts building the image caches in the background; :meth:`setup` waits for them."""
+        """Scan and split (idempotent; safe to call before the Trainer exists). With ``prefetch_cache``, the image
+        caches are gathered or built in the background; :meth:`setup` waits for them."""
         if self.prepared is not None:
             return
         if self.root is None and not self.sources or any(source.root is None for source in self.sources):
@@ -130,10 +130,11 @@ class CrackDataModule(pl.LightningDataModule):
             self.root = self.prepared.root
         else:
             self.prepared = prepare_rows(self.root, settings, report=report)
-        if prefetch_cache and self.cache and rank_zero_only.rank == 0:
-            # Decode into the caches in the background (worker processes): the run meanwhile builds the model,
-            # opens its MLflow run and starts its other DDP processes, which would otherwise leave cores idle.
-            # setup() waits for it and reports its errors.
+        if prefetch_cache and self.cache:
+            # Gather (or decode) the caches in the background: the run meanwhile builds the model, opens its MLflow
+            # run and starts its other DDP processes, which would otherwise leave cores idle. Every rank does, each
+            # into its own memory; a cache that must be decoded is decoded by one of them (its file lock), the
+            # others wait for its file. setup() waits for it and reports its errors.
             pool = ThreadPoolExecutor(1, thread_name_prefix="crackclf-cache")
             self._cache_build = pool.submit(self._split_caches)
             pool.shutdown(wait=False)

@@ -21,6 +21,7 @@ import numpy as np
 from filelock import FileLock
 from tqdm import tqdm
 
+from crackclf.data.cache import write_rows
 from crackclf.data.images import (
     RESIZE_METHOD,
     ImageError,
@@ -30,7 +31,7 @@ from crackclf.data.images import (
     resize_array,
     same_draft,
 )
-from crackclf.data.shifted import KEYS_PER_IMAGE, shift_keys
+from crackclf.data.shifted import KEYS_PER_IMAGE, keys_of_thumbnails, thumbnail
 from crackclf.errors import UsageError
 from crackclf.utils import (
     TEXT_ERRORS,
@@ -117,29 +118,37 @@ def list_class_files(root: Path, class_dirs: tuple[str, ...]) -> list[tuple[str,
 #: decodes every image once (:data:`HASH_METHOD` is part of a stored inventory's key).
 HASH_DRAFT = 64
 HASH_METHOD = f"draft{HASH_DRAFT}"
-#: Files per scan job: a worker process writes its decoded rows into the memory-mapped store itself.
+#: Files per scan job: a worker process writes its decoded rows into the store itself.
 _CHUNK = 64
 
 
 def _scan_chunk(args: tuple[str, list[tuple[str, int]], int, str | None, int | None]) -> list[FileRecord]:
     """Scan ``files``; with a store, also write each one's ``decode_size`` pixels into rows ``start…`` of it."""
     root, files, start, store_file, decode_size = args
-    store = np.load(store_file, mmap_mode="r+") if store_file else None
-    records = []
+    rows = np.zeros((len(files), decode_size, decode_size, 3), dtype=np.uint8) if store_file else None
+    records, thumbnails = [], []
     for offset, (relative, label) in enumerate(files):
-        record, pixels = _scan_one(Path(root, relative), relative, label, decode_size)
-        if store is not None and pixels is not None:
-            store[start + offset] = pixels
+        record, pixels, small = _scan_one(Path(root, relative), relative, label, decode_size)
+        if rows is not None and pixels is not None:
+            rows[offset] = pixels
         records.append(record)
-    if store is not None:
-        store.flush()
+        thumbnails.append(small)
+    if rows is not None:
+        write_rows(store_file, start, rows)
+    readable = [row for row, small in enumerate(thumbnails) if small is not None]
+    if readable:  # the window hashes of the whole chunk at once
+        keys = keys_of_thumbnails(np.stack([thumbnails[row] for row in readable]))
+        for row, own in zip(readable, keys, strict=True):
+            records[row].shift = own
     return records
 
 
-def _scan_one(path: Path, relative: str, label: int, decode_size: int | None) -> tuple[FileRecord, np.ndarray | None]:
-    """Hash one file; with ``decode_size``, also return its pixels as :func:`load_resized` gives them."""
+def _scan_one(path: Path, relative: str, label: int,
+              decode_size: int | None) -> tuple[FileRecord, np.ndarray | None, np.ndarray | None]:
+    """Hash one file (all but its window hashes); returns the record, with ``decode_size`` its pixels as
+    :func:`load_resized` gives them, and the thumbnail its window hashes are made of (``None``: unreadable)."""
     record = FileRecord(path=relative, label=label)
-    pixels = None
+    pixels = small = None
     try:
         data = path.read_bytes() if path.is_file() else b""
         record.md5 = hashlib.md5(data).hexdigest() if data else ""
@@ -151,14 +160,14 @@ def _scan_one(path: Path, relative: str, label: int, decode_size: int | None) ->
             pixels = resize_array(image, decode_size) if same else load_resized(data, decode_size)
         grey = image.convert("L")  # phash converts to grey first itself: once for both hashes
         record.phash = str(imagehash.phash(grey))
-        record.shift = shift_keys(grey)
+        small = thumbnail(grey)
     except ImageError as error:
         record.error = error.reason
-        pixels = None
+        pixels = small = None
     except OSError as error:  # unreadable (permissions) or vanished between listing and reading
         record.error = f"cannot read ({error.strerror or error})"
-        pixels = None
-    return record, pixels
+        pixels = small = None
+    return record, pixels, small
 
 
 def _fingerprint(root: Path, files: list[tuple[str, int]]) -> str:

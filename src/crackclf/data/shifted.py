@@ -18,7 +18,8 @@ from __future__ import annotations
 import numpy as np
 from PIL import Image
 
-__all__ = ["KEYS_PER_IMAGE", "REACH", "SHIFTED_DUPLICATE_BITS", "shift_keys", "shifted_pairs"]
+__all__ = ["KEYS_PER_IMAGE", "REACH", "SHIFTED_DUPLICATE_BITS", "keys_of_thumbnails", "shift_keys", "shifted_pairs",
+           "thumbnail"]
 
 #: Side of the grey thumbnail the windows are cut from, the block side of one hash cell, and the largest offset (in
 #: thumbnail pixels) tried in each direction: a 45-pixel window (9x9 blocks of 5) moved by up to 6 of 64 pixels
@@ -34,30 +35,43 @@ _OFFSETS = np.array([(dy, dx) for dy in range(-REACH, REACH + 1) for dx in range
 #: Index of the unshifted window among the keys: the query.
 QUERY = int(np.flatnonzero((_OFFSETS == 0).all(axis=1))[0])
 
-def _window_corners() -> tuple[np.ndarray, ...]:
-    """Flat indices into the (THUMB+1)² integral image of the four corners of every block of every window."""
-    rows = _CENTRE + _OFFSETS[:, 0, None] + BLOCK * np.arange(9)[None]  # (K, 9) block edges: 8 blocks down
-    cols = _CENTRE + _OFFSETS[:, 1, None] + BLOCK * np.arange(10)[None]  # (K, 10) block edges: 9 blocks across
-    top, bottom = rows[:, :-1, None], rows[:, 1:, None]
-    left, right = cols[:, None, :-1], cols[:, None, 1:]
-    side = THUMB + 1
-    return tuple((r * side + c).ravel() for r, c in ((bottom, right), (top, right), (bottom, left), (top, left)))
+def _window_cells() -> np.ndarray:
+    """Flat indices into a (THUMB-BLOCK+1, THUMB-2·BLOCK+1) map of the top-left corners of the 8x8 cells of every
+    window (the left block of each compared pair), in hash-bit order."""
+    rows = _CENTRE + _OFFSETS[:, 0, None] + BLOCK * np.arange(8)[None]  # (K, 8)
+    cols = _CENTRE + _OFFSETS[:, 1, None] + BLOCK * np.arange(8)[None]  # (K, 8)
+    return (rows[:, :, None] * (THUMB - 2 * BLOCK + 1) + cols[:, None, :]).reshape(KEYS_PER_IMAGE, 64)
 
 
-_CORNERS = _window_corners()
+_CELLS = _window_cells()
+
+
+def thumbnail(image: Image.Image) -> np.ndarray:
+    """The grey ``THUMB``×``THUMB`` thumbnail the window hashes are cut from (uint8)."""
+    return np.asarray(image.convert("L").resize((THUMB, THUMB), Image.Resampling.BILINEAR))
 
 
 def shift_keys(image: Image.Image) -> np.ndarray:
     """The :data:`KEYS_PER_IMAGE` window hashes of ``image`` (any mode) as a uint64 array; ``[QUERY]`` is its
     centred window's."""
-    grey = np.asarray(image.convert("L").resize((THUMB, THUMB), Image.Resampling.BILINEAR), dtype=np.float64)
-    integral = np.zeros((THUMB + 1, THUMB + 1))
-    integral[1:, 1:] = grey.cumsum(0).cumsum(1)
-    flat = integral.ravel()
-    a, b, c, d = _CORNERS
-    sums = (flat[a] - flat[b] - flat[c] + flat[d]).reshape(KEYS_PER_IMAGE, 8, 9)  # block sums of every window
-    bits = (sums[:, :, 1:] > sums[:, :, :-1]).reshape(KEYS_PER_IMAGE, 64)
-    return np.packbits(bits, axis=1).view(">u8").ravel().astype(np.uint64)
+    return keys_of_thumbnails(thumbnail(image)[None])[0]
+
+
+def keys_of_thumbnails(thumbnails: np.ndarray) -> np.ndarray:
+    """(N, :data:`KEYS_PER_IMAGE`) uint64 window hashes of N thumbnails (:func:`thumbnail`), in one pass.
+
+    Every window's bit (i, j) compares two neighbouring blocks, and the blocks of all windows lie on one grid of
+    block positions: so the comparison of each block with its right neighbour is made once per thumbnail (exact
+    integer block sums from an integral image) and every window's 64 bits are read from it.
+    """
+    count, side = len(thumbnails), THUMB + 1
+    integral = np.zeros((count, side, side), dtype=np.int32)
+    integral[:, 1:, 1:] = np.asarray(thumbnails, dtype=np.int32).cumsum(1).cumsum(2)
+    blocks = (integral[:, BLOCK:, BLOCK:] - integral[:, :-BLOCK, BLOCK:] - integral[:, BLOCK:, :-BLOCK]
+              + integral[:, :-BLOCK, :-BLOCK])  # (N, 60, 60): the sum of the block whose top-left pixel is (y, x)
+    brighter = (blocks[:, :, BLOCK:] > blocks[:, :, :-BLOCK]).reshape(count, -1)  # right neighbour vs this block
+    bits = brighter[:, _CELLS]  # (N, K, 64)
+    return np.packbits(bits, axis=2).view(">u8").reshape(count, KEYS_PER_IMAGE).astype(np.uint64)
 
 
 def shifted_pairs(keys: np.ndarray, max_bits: int = SHIFTED_DUPLICATE_BITS,

@@ -26,7 +26,7 @@ from typing import Any
 
 from omegaconf import DictConfig
 
-__all__ = ["EarlyRanks", "early_rank_count", "start_ranks_early"]
+__all__ = ["EarlyRanks", "child_command", "early_rank_count", "free_port", "start_ranks_early"]
 
 log = logging.getLogger(__name__)
 
@@ -60,6 +60,38 @@ def early_rank_count(cfg: DictConfig) -> int:
         if torch.cuda.is_available() or torch.backends.mps.is_available():
             return 0  # Lightning's auto accelerator would choose the GPU: its own launch
     return devices
+
+
+def child_command(local_rank: int) -> tuple[list[str], str]:
+    """The command and folder of DDP process ``local_rank`` of this Hydra run: what Lightning's script launcher runs
+    (``lightning_fabric.strategies.launchers.subprocess_script._hydra_subprocess_cmd``: the same script and overrides,
+    the same run folder, its own job name, no second ``.hydra/`` folder), built here because importing Lightning
+    takes seconds that the other process would otherwise wait before it starts (tests/unit/test_launch.py checks the
+    two commands are the same)."""
+    import sys
+
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.utils import get_original_cwd, to_absolute_path
+
+    import __main__
+
+    spec = getattr(__main__, "__spec__", None)
+    command = [sys.executable, to_absolute_path(sys.argv[0])] if spec is None else [sys.executable, "-m", spec.name]
+    command += sys.argv[1:]
+    command += [f'hydra.run.dir="{HydraConfig.get().run.dir}"', f"hydra.job.name=train_ddp_process_{local_rank}",
+                "hydra.output_subdir=null"]
+    return command, get_original_cwd()
+
+
+def free_port() -> int:
+    """A free TCP port on this machine for DDP's rendezvous (``STANDALONE_PORT`` when set, as Lightning does)."""
+    import socket
+
+    if "STANDALONE_PORT" in os.environ:
+        return int(os.environ["STANDALONE_PORT"])
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+        probe.bind(("", 0))
+        return probe.getsockname()[1]
 
 
 class EarlyRanks:
@@ -157,18 +189,13 @@ def start_ranks_early(cfg: DictConfig) -> Iterator[EarlyRanks]:
     if count < 2:
         yield EarlyRanks([])
         return
-    # Lightning's own helpers: the child command of a Hydra run (same overrides, same run folder, its own job name,
-    # no second .hydra/ folder) and the free port its launcher would pick.
-    from lightning_fabric.plugins.environments.lightning import find_free_network_port
-    from lightning_fabric.strategies.launchers.subprocess_script import _hydra_subprocess_cmd
-
-    launched = {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(find_free_network_port()), "NODE_RANK": "0",
+    launched = {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port()), "NODE_RANK": "0",
                 "LOCAL_RANK": "0", "WORLD_SIZE": str(count)}
     before = {name: os.environ.get(name) for name in launched}
     os.environ.update(launched)
     processes = []
     for local_rank in range(1, count):
-        command, cwd = _hydra_subprocess_cmd(local_rank)
+        command, cwd = child_command(local_rank)
         processes.append(subprocess.Popen(command, env={**os.environ, "LOCAL_RANK": str(local_rank)}, cwd=cwd))
     ranks = EarlyRanks(processes)
     threading.Thread(target=_observe, args=(processes, ranks.ending), name="crackclf-rank-observer",

@@ -67,10 +67,22 @@ class TrainingRun:
         return self
 
     @property
+    def logs_to_mlflow(self) -> bool:
+        """Whether the configured logger is MLflow's (on every rank)."""
+        logger = self.cfg.get("logger")
+        return logger is not None and "MLFlowLogger" in str(logger.get("_target_", ""))
+
+    @property
     def uses_mlflow(self) -> bool:
         """Rank zero owns the MLflow run when the configured logger is MLflow (one run, not one per GPU)."""
-        logger = self.cfg.get("logger")
-        return self.rank == 0 and logger is not None and "MLFlowLogger" in str(logger.get("_target_", ""))
+        return self.rank == 0 and self.logs_to_mlflow
+
+    def open_store_early(self) -> None:
+        """On a DDP rank other than zero, create (or migrate) the MLflow store now, under its lock: such a rank waits
+        for rank zero's data preparation anyway, and rank zero's run then starts on a store that is ready (creating a
+        new one takes seconds, on a new user's first run)."""
+        if self.rank > 0 and self.logs_to_mlflow:
+            tracking.client()
 
     def start(self, pretrained_status: str, extra_tags: Mapping[str, str] | None = None,
               parent_run_id: str | None = None) -> None:
@@ -94,7 +106,7 @@ class TrainingRun:
         if self.run_id:
             self.loggers.append(instantiate(cfg.logger, run_id=self.run_id))
         elif cfg.get("logger") is not None:  # another logger, or a DDP rank > 0 (Lightning logs on rank zero)
-            if "MLFlowLogger" in str(cfg.logger.get("_target_", "")):
+            if self.logs_to_mlflow:
                 tracking.client()  # the store created under its lock: rank zero may be creating it right now
             self.loggers.append(instantiate(cfg.logger))
         if self.rank == 0:
