@@ -247,6 +247,23 @@ def test_an_early_cut_is_corrected_by_the_steps_timed_until_the_recheck(tiny_dat
     assert rates.rates[-1] < 0.1 * 1e-2
 
 
+def test_a_cut_short_of_the_recheck_is_rechecked_before_it_ends(tiny_dataset, tmp_path, monkeypatch):
+    # Seen on a real run: two slow first steps made the guard cut the epoch to 26 batches, before its re-check at a
+    # quarter of it, so the cut stood on two steps' timing. Here the re-check would come after batch 8 (0.6 x 14),
+    # the guard after batch 3 (timed from batch 1, 20 s): 10 s a step at 40 s, validation guessed at 3 x 0.7 x 10 =
+    # 21 s: 135 - 40 - 3 x 21 = 32 s fit 3 more batches: cut to 7. The re-check then comes after batch 5 (the cut's
+    # last batch but one): at 44 s, 6 s a step, 12.6 s a validation: 135 - 44 - 37.8 = 53.2 s fit 8 more: all 14.
+    clock = _Clock([10, 20, 40, 44])
+    monkeypatch.setattr(budget_module, "time", clock)
+    monkeypatch.setattr(budget_module, "PROCESS_STARTED", 0.0)
+    monkeypatch.setattr(budget_module, "VALIDATION_COST_GUESS", 0.7)
+    monkeypatch.setattr(budget_module, "GUARD_RECHECK_AT", 0.6)
+    budget = TimeBudget(minutes=135 / 60, reserve_seconds=0, guard_at=0.2)
+    trainer, plan, _ = _fit_early(tiny_dataset, tmp_path, budget, max_epochs=6, extra=[_MinEpochs()])
+    assert plan.first_planned_at == (0, 3) and plan.schedule[1] == 7  # the guard's cut
+    assert budget.last_epoch_batches == 14 and trainer.global_step == 14  # moved by the re-check, not left at 7
+
+
 def test_a_first_epoch_that_fits_is_not_cut(tiny_dataset, tmp_path, monkeypatch):
     clock = _Clock([10, 20, 26])  # as above, 2 s a step, with a budget of 10 minutes: the epoch fits
     monkeypatch.setattr(budget_module, "time", clock)

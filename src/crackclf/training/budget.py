@@ -132,6 +132,10 @@ class TimeBudget(pl.Callback):
             return
         guard, plan = self._early_batch(trainer, self.guard_at), self._early_batch(trainer, self.plan_at)
         recheck = self._early_batch(trainer, GUARD_RECHECK_AT) if guard is not None else None
+        if recheck is not None and cut is not None:
+            # A guard that timed a slow start (two steps) may have cut the epoch short of the re-check: re-check
+            # before the cut's last batch, or the early guess would stand unmeasured.
+            recheck = min(recheck, max(guard + 1, cut - 2))
         points = [b for b in (guard, recheck, plan) if b is not None]
         if not points:
             return
