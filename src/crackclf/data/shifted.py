@@ -8,7 +8,7 @@ every offset of up to :data:`REACH` thumbnail pixels; its centred window's hash 
 the query of one is within ``max_bits`` bits of any key of the other: one of the offsets lines the windows up.
 
 All windows of an image come from one integral image of its thumbnail (no per-window resize), so the keys cost a
-fraction of the scan's full decode; the search compares only key/query pairs that agree exactly on one of
+fraction of the scan's decode; the search compares only key/query pairs that agree exactly on one of
 ``max_bits + 1`` bands of the 64 bits (the same pigeonhole argument as the perceptual-hash search), so it misses no
 pair within ``max_bits``.
 """
