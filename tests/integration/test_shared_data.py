@@ -13,7 +13,7 @@ import pytest
 from crackclf.data.datamodule import CrackDataModule
 from crackclf.data.inventory import NEAR_DUPLICATE_BITS
 from tests.conftest import run_cli
-from tests.leakage import hash_files, read_rows, straddling
+from tests.leakage import copies_among, hash_files, read_rows, straddling
 
 pytestmark = [pytest.mark.slow, pytest.mark.shared_data]
 
@@ -74,6 +74,13 @@ def test_real_split_has_no_leak_and_is_reproducible(shared_data, inventory_cache
     check = straddling(rows, md5s, hashes, NEAR_DUPLICATE_BITS)
     assert len(check["exact_checked"]) == 2317 - 1134 and len(check["near_checked"]) > 1000
     assert check["exact"] == [] and check["near"] == []
+    # The hash of the full decode puts other pairs within the threshold (84 cross this split, at 4-6 bits, when
+    # the half-scale hash made it): none of them may be the same picture.
+    _, full = hash_files([shared_data / row["path"] for row in rows], draft=False)
+    crossing = straddling(rows, md5s, full, NEAR_DUPLICATE_BITS)["near"]
+    assert len(crossing) < 200 and copies_among([(shared_data / a, shared_data / b) for a, b in crossing]) == []
+    same = [(shared_data / rows[i]["path"], shared_data / rows[j]["path"]) for i, j in check["exact_checked"][:3]]
+    assert copies_among(same) == same  # the copy check sees a copy when there is one
     for label in ("0", "1"):
         per_split = Counter(row["split"] for row in rows if row["label"] == label)
         total = sum(per_split.values())
