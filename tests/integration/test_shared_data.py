@@ -74,8 +74,8 @@ def test_real_split_has_no_leak_and_is_reproducible(shared_data, inventory_cache
     check = straddling(rows, md5s, hashes, NEAR_DUPLICATE_BITS)
     assert len(check["exact_checked"]) == 2317 - 1134 and len(check["near_checked"]) > 1000
     assert check["exact"] == [] and check["near"] == []
-    # The hash of the full decode puts other pairs within the threshold (84 cross this split, at 4-6 bits, when
-    # the half-scale hash made it): none of them may be the same picture.
+    # The hash of the full decode puts other pairs within the threshold, some across this split made with the
+    # half-scale hash (docs/recipe.md, "Stop 27"): none of them may be the same picture.
     _, full = hash_files([shared_data / row["path"] for row in rows], draft=False)
     crossing = straddling(rows, md5s, full, NEAR_DUPLICATE_BITS)["near"]
     assert len(crossing) < 200 and copies_among([(shared_data / a, shared_data / b) for a, b in crossing]) == []

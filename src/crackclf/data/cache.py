@@ -56,8 +56,8 @@ def _gather(paths: list[Path], md5s: list[str], size: int, decoded: Sequence[Dec
         if found is None:
             return None
         where.append(found)
-    owners = np.array([owner for owner, _ in where], dtype=np.int64).reshape(-1)
-    sources = np.array([row for _, row in where], dtype=np.int64).reshape(-1)
+    owners = np.array([owner for owner, _ in where], dtype=np.int64)
+    sources = np.array([row for _, row in where], dtype=np.int64)
     planar = np.empty((len(paths), 3, size, size), dtype=np.uint8)
     for number, store in enumerate(stores):
         array = np.load(store.file, mmap_mode="r")

@@ -158,7 +158,8 @@ class CrackDataModule(pl.LightningDataModule):
         return self.prepared.verify_report if self.prepared is not None else None
 
     def _split_caches(self) -> dict[str, np.ndarray]:
-        """Each split's decode-once cache (memory-mapped; built where missing)."""
+        """Each split's images: gathered from the inventory scan's decoded store, else its decode-once cache file
+        (memory-mapped; built where missing)."""
         # The rows hold absolute paths (a split may mix folders: data.test_root), so the cache's root is "/".
         decoded = self.prepared.decoded if self.prepared is not None else ()
         return {split: build_cache(Path("/"), [r.path for r in rows], [r.md5 for r in rows], self.image_size,
