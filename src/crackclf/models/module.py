@@ -76,6 +76,8 @@ class CrackClassifier(pl.LightningModule):
         if channels_last:
             self.net = self.net.to(memory_format=torch.channels_last)
         self.decision_threshold = 0.5
+        #: The classifier head holds a trained model's decision (``init_from``), not a fresh initialisation.
+        self.head_trained = False
         self.train_metrics = stage_metrics("train")
         self.train_loss = MeanMetric()  # the epoch's training loss, weighted by batch size (see on_train_epoch_end)
         self.train_throughput = SumMetric()  # images per second of each rank, summed: the whole job's throughput

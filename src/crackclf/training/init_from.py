@@ -37,6 +37,7 @@ def initialise_from(model: Any, source: str, backbone: str, timm_kwargs: dict[st
             f"`backbone={info.backbone}`) to start from it.")
     try:
         model.net.load_state_dict(loaded.network.state_dict(), strict=True)
+        model.head_trained = True  # callbacks.linear_probe keeps it
     except RuntimeError as error:
         raise UsageError(f"init_from={source!r}: its weights do not fit this run's network "
                          f"({str(error).splitlines()[0][:200]}).") from None
