@@ -26,6 +26,8 @@ import time
 from collections import defaultdict
 from pathlib import Path
 
+from mlflow.tracking import MlflowClient
+
 from _bench import REPO, environment, write_json
 from bench_transfer import class_dirs_of, score
 from crackclf.inference.predictor import Predictor
@@ -77,9 +79,12 @@ class AdaptationFailed(RuntimeError):
     """One level's `make adapt` run exited with an error (the curve goes on with the next level)."""
 
 
-def adapt(model: str, data: Path, work: Path, replay: Path | None, extra: list[str]) -> tuple[Path, float]:
-    """One `make adapt` run; returns the adapted best.ckpt and the run's wall time."""
-    env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{work / 'mlflow.db'}"}
+def adapt(model: str, data: Path, work: Path, replay: Path | None, extra: list[str]) -> tuple[Path, float, dict]:
+    """One `make adapt` run; returns the adapted best.ckpt, the run's wall time and what the run logged on the
+    original data's test share (``test/original/acc`` after, ``before/test/original/acc`` before; empty where
+    absent)."""
+    uri = f"sqlite:///{work / 'mlflow.db'}"
+    env = {**os.environ, "MLFLOW_TRACKING_URI": uri}
     command = [sys.executable, str(REPO / "train.py"), "experiment=adapt", f"init_from={model}",
                f"adapt.data={data}", f"hydra.run.dir={work / 'run'}", *extra]
     if replay is not None:
@@ -90,7 +95,12 @@ def adapt(model: str, data: Path, work: Path, replay: Path | None, extra: list[s
     if result.returncode != 0:
         raise AdaptationFailed(f"adaptation failed ({result.returncode}): {' '.join(command)}\n"
                                f"{result.stderr[-4000:]}")
-    return work / "run" / "checkpoints" / "best.ckpt", wall
+    client = MlflowClient(uri)
+    runs = client.search_runs([e.experiment_id for e in client.search_experiments()])
+    logged = runs[0].data.metrics if runs else {}
+    original = {key.replace("/", "_"): logged[key] for key in ("test/original/acc", "before/test/original/acc")
+                if key in logged}
+    return work / "run" / "checkpoints" / "best.ckpt", wall, original
 
 
 def main() -> None:
@@ -107,7 +117,7 @@ def main() -> None:
     rows, failures = [], 0
     print(f"CPU: {cpu_model()}\nmodel {args.model} (threshold {start.threshold:.3f})")
     print(f"  {'surface':<14} {'tiles/class':>11} {'photos':>6} {'used (neg/pos)':>14} {'bal.acc':>7} {'AUROC':>6} "
-          f"{'recall':>7} {'false+':>7} {'adapt s':>7}")
+          f"{'recall':>7} {'false+':>7} {'adapt s':>7} {'original test':>13}")
     for surface in args.surfaces:
         class_dirs = class_dirs_of(surface, None)
         photos = photos_of(surface, class_dirs)
@@ -118,13 +128,13 @@ def main() -> None:
         for per_class in args.tiles:
             chosen = draw(pool, photos, per_class) if per_class else []
             used = [sum(1 for photo in chosen for _, label in photos[photo] if label == k) for k in (0, 1)]
-            wall = 0.0
+            wall, original = 0.0, {}
             with tempfile.TemporaryDirectory(prefix="crackclf-adapt-") as tmp:
                 predictor = start
                 if chosen:
                     link_folder(Path(tmp) / "data", surface, photos, chosen)
                     try:
-                        checkpoint, wall = adapt(args.model, Path(tmp) / "data", Path(tmp), args.replay,
+                        checkpoint, wall, original = adapt(args.model, Path(tmp) / "data", Path(tmp), args.replay,
                                                  args.overrides)
                     except AdaptationFailed as failure:  # the other levels' results are kept
                         print(failure, file=sys.stderr, flush=True)
@@ -136,10 +146,11 @@ def main() -> None:
                 metrics = score(predictor, scored)
             rows.append({"surface": surface.name, "tiles_per_class": per_class, "photos": len(chosen),
                          "used_negative": used[0], "used_positive": used[1], "adapt_seconds": wall,
-                         "evaluation_photos": len(evaluation), **metrics})
+                         "evaluation_photos": len(evaluation), **metrics, **original})
             print(f"  {surface.name:<14} {per_class:>11} {len(chosen):>6} {f'{used[0]}/{used[1]}':>14} "
                   f"{metrics['balanced_acc']:>7.2%} {metrics['auroc']:>6.3f} {metrics['recall']:>7.2%} "
-                  f"{metrics['false_alarm_rate']:>7.2%} {wall:>7.1f}", flush=True)
+                  f"{metrics['false_alarm_rate']:>7.2%} {wall:>7.1f} "
+                  f"{original.get('test_original_acc', float('nan')):>13.2%}", flush=True)
     if args.out:
         write_json(args.out, {**environment(), "model": args.model, "results": rows})
     if failures:

@@ -103,6 +103,9 @@ def test_the_adaptation_curve_adapts_on_some_photos_and_scores_the_others(start_
     assert adapted["used_negative"] + adapted["used_positive"] == 4 * adapted["photos"]
     assert start["evaluation_photos"] == adapted["evaluation_photos"] == 6
     assert start["images"] == adapted["images"] == 6 * 4 and adapted["adapt_seconds"] > 0
+    # The adapted run's score on the original data's test share, before and after, read from its MLflow record.
+    assert 0 <= adapted["test_original_acc"] <= 1 and 0 <= adapted["before_test_original_acc"] <= 1
+    assert "test_original_acc" not in start
     assert len(set(parents.values())) == 12
     # Level 0 is the start model's own score on the evaluation photos, at its threshold.
     predictor = Predictor.load(model)
