@@ -150,7 +150,7 @@ def main() -> None:
             print(f"  {surface.name:<14} {per_class:>11} {len(chosen):>6} {f'{used[0]}/{used[1]}':>14} "
                   f"{metrics['balanced_acc']:>7.2%} {metrics['auroc']:>6.3f} {metrics['recall']:>7.2%} "
                   f"{metrics['false_alarm_rate']:>7.2%} {wall:>7.1f} "
-                  f"{original.get('test_original_acc', float('nan')):>13.2%}", flush=True)
+                  f"{format(original['test_original_acc'], '.2%') if original else '-':>13}", flush=True)
     if args.out:
         write_json(args.out, {**environment(), "model": args.model, "results": rows})
     if failures:
