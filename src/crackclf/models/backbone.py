@@ -187,3 +187,8 @@ class CrackNet(nn.Module):
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         return self.backbone((images - self.mean) / self.std)
+
+    def features(self, images: torch.Tensor) -> torch.Tensor:
+        """What the classifier head sees (timm's pre-logits: pooled features), for images as :meth:`forward` takes."""
+        backbone = self.backbone
+        return backbone.forward_head(backbone.forward_features((images - self.mean) / self.std), pre_logits=True)

@@ -110,9 +110,14 @@ class CrackClassifier(pl.LightningModule):
 
     # ---------------------------------------------------------------------------------------------------- forward
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        if self.channels_last:
-            images = images.contiguous(memory_format=torch.channels_last)
-        return self.net(images)
+        return self.net(self._in_layout(images))
+
+    def features(self, images: torch.Tensor) -> torch.Tensor:
+        """The classifier head's input for ``images`` (float RGB in [0, 1], NCHW): see :meth:`CrackNet.features`."""
+        return self.net.features(self._in_layout(images))
+
+    def _in_layout(self, images: torch.Tensor) -> torch.Tensor:
+        return images.contiguous(memory_format=torch.channels_last) if self.channels_last else images
 
     def _step(self, batch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         images, labels = batch

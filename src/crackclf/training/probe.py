@@ -31,9 +31,9 @@ class LinearProbeHead(pl.Callback):
 
     Skipped on a resumed run, on a backbone without pretrained weights (a random network's features mean
     nothing), on a run started from a trained model (``init_from``: its head is kept, unless ``keep_trained_head``
-    is false), and with ``images: 0``. Under DDP each rank computes the features
-    of its share and every rank fits the same head on all of them (gathered at ``on_train_start``, which every rank
-    reaches once, in the same order: the project's DDP rule, see ``CrackClassifier.on_train_epoch_end``).
+    is false), and with ``images: 0``. Under DDP each rank computes the features of its share and every rank fits
+    the same head on all of them (gathered at ``on_train_start``, which every rank reaches once, in the same order:
+    the project's DDP rule, see ``CrackClassifier.on_train_epoch_end``).
 
     Args:
         images: training images the head is fitted on (0: off, the head stays as initialised).
@@ -88,10 +88,9 @@ class LinearProbeHead(pl.Callback):
 def _features(pl_module: pl.LightningModule, datamodule, loader) -> tuple[torch.Tensor, torch.Tensor]:
     """The classifier's input (pre-logits) of every image of ``loader``, the network in eval mode."""
     net = pl_module.net
-    backbone = net.backbone
-    head = backbone.get_classifier()
+    head = net.backbone.get_classifier()
     if not isinstance(head, nn.Linear):
-        raise UsageError(f"callbacks.linear_probe: the classifier of {type(backbone).__name__} is a "
+        raise UsageError(f"callbacks.linear_probe: the classifier of {type(net.backbone).__name__} is a "
                          f"{type(head).__name__}, not a linear layer; set callbacks.linear_probe.images=0.")
     was_training = net.training
     net.eval()
@@ -100,10 +99,7 @@ def _features(pl_module: pl.LightningModule, datamodule, loader) -> tuple[torch.
         with torch.inference_mode():
             for images, batch_labels in loader:
                 images = datamodule.model_input(images.to(pl_module.device), augment=False)
-                if getattr(pl_module, "channels_last", False):
-                    images = images.contiguous(memory_format=torch.channels_last)
-                normalised = (images - net.mean) / net.std
-                outputs.append(backbone.forward_head(backbone.forward_features(normalised), pre_logits=True).float())
+                outputs.append(pl_module.features(images).float())
                 labels.append(batch_labels.to(pl_module.device))
     finally:
         net.train(was_training)
