@@ -31,18 +31,15 @@ def stage_metrics(prefix: str, threshold: float = 0.5) -> MetricCollection:
     ``probability >= threshold`` as everywhere in crackclf (the Predictor, :func:`confusion_matrix`)."""
     # torchmetrics calls ``p > threshold`` a crack: the next float32 below the threshold makes that ``p >= threshold``
     # for float32 probabilities. It matters: the chosen threshold is one of the validation probabilities, and a
-    # model's saturated probabilities tie with it.
-    threshold = max(0.0, float(np.nextafter(np.float32(threshold), np.float32(-np.inf))))
-    return MetricCollection(
-        {
-            "acc": BinaryAccuracy(threshold=threshold),
-            "precision": BinaryPrecision(threshold=threshold),
-            "recall": BinaryRecall(threshold=threshold),
-            "f1": BinaryF1Score(threshold=threshold),
-            "auroc": BinaryAUROC(),
-        },
-        prefix=f"{prefix}/",
-    )
+    # model's saturated probabilities tie with it. At a threshold of 0 that float is negative, which torchmetrics'
+    # constructor refuses (its update does not check it again): the metrics are built at 0 and then given it, so a
+    # probability of exactly 0 is a crack there too, as it is for the Predictor.
+    below = float(np.nextafter(np.float32(threshold), np.float32(-np.inf)))
+    thresholded = {"acc": BinaryAccuracy, "precision": BinaryPrecision, "recall": BinaryRecall, "f1": BinaryF1Score}
+    metrics = {name: cls(threshold=max(0.0, below)) for name, cls in thresholded.items()}
+    for metric in metrics.values():
+        metric.threshold = below
+    return MetricCollection({**metrics, "auroc": BinaryAUROC()}, prefix=f"{prefix}/")
 
 
 def confusion_matrix(probabilities: np.ndarray, labels: np.ndarray, threshold: float) -> np.ndarray:

@@ -128,9 +128,10 @@ def test_threshold_balanced_mode_does_not_call_everything_a_crack_when_most_imag
 def test_metrics_call_a_probability_at_the_threshold_a_crack_like_the_predictor():
     from crackclf.metrics import binary_metrics, confusion_matrix
 
-    probabilities = np.array([0.2, 0.7, 0.7, 1.0, 1.0], dtype=np.float32)  # ties with the threshold, saturated ones
-    labels = np.array([0, 1, 1, 1, 0])
-    for threshold in (0.7, 1.0, float(np.float32(0.7))):
+    # Ties with the threshold, saturated ones at both ends (a threshold of exactly 0 calls a probability of 0 a crack).
+    probabilities = np.array([0.0, 0.2, 0.7, 0.7, 1.0, 1.0], dtype=np.float32)
+    labels = np.array([0, 0, 1, 1, 1, 0])
+    for threshold in (0.0, 0.7, 1.0, float(np.float32(0.7))):
         metrics, confusion = binary_metrics(probabilities, labels, threshold)
         assert (confusion == confusion_matrix(probabilities, labels, threshold)).all()
         predicted = probabilities >= np.float32(threshold)  # the Predictor's rule (is_crack)

@@ -94,3 +94,28 @@ def test_a_run_resumes_from_a_checkpoint_written_before_the_factory(tmp_path):
                                  kwargs={"drop_path_rate": 0.05})
     _, trainer = tiny_fit(dataset, tmp_path, [], epochs=2, backbone=backbone, ckpt_path=str(OLD_CHECKPOINT))
     assert trainer.current_epoch == 2 and len(trainer.lightning_module.history) == 2  # epoch 0's from the file
+
+
+@pytest.mark.parametrize("freeze_norm_stats", [True, False])
+def test_freeze_norm_stats_keeps_every_batchnorm_statistic_while_its_scale_trains(tiny_dataset, tmp_path,
+                                                                                 freeze_norm_stats):
+    start = timm.create_model("lcnet_050", num_classes=2)
+    torch.save(start.state_dict(), tmp_path / "start.pth")
+    cfg = compose_train(["backbone=lcnet_050", f"backbone.weights={tmp_path / 'start.pth'}",
+                         f"backbone.freeze_norm_stats={str(freeze_norm_stats).lower()}"])
+    factory = instantiate(cfg.backbone)
+    _, trainer = tiny_fit(tiny_dataset, tmp_path, [], epochs=1, backbone=factory)
+    trained, saved = trainer.lightning_module.net.backbone.state_dict(), start.state_dict()
+    statistics = [k for k in saved if k.endswith(("running_mean", "running_var"))]
+    scales = [k for k in saved if k.endswith(".weight") and k.replace(".weight", ".running_mean") in saved]
+    assert statistics and scales
+    kept = [torch.equal(trained[k], saved[k]) for k in statistics]
+    assert all(kept) if freeze_norm_stats else not any(kept)
+    assert not all(torch.equal(trained[k], saved[k]) for k in scales)  # the layers' scale and shift still learn
+
+
+def test_freeze_norm_stats_is_ignored_with_a_warning_on_a_network_from_scratch(caplog):
+    with caplog.at_level("WARNING", logger="crackclf.models.backbone"):
+        built = create_backbone("lcnet_050", pretrained=False, num_classes=2, freeze_norm_stats=True)
+    assert built.frozen_norms == []
+    assert "backbone.freeze_norm_stats=true ignored" in caplog.text and "scratch" in caplog.text

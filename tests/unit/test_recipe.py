@@ -69,7 +69,7 @@ def test_cpu_ranks_one_process_per_core_up_to_the_cap_and_one_gpu(monkeypatch):
 def test_recipe_fine_tunes_the_pretrained_lite0_at_96px_with_its_early_stages_frozen():
     cfg = compose_train(["experiment=cpu_fast"])
     assert cfg.backbone.name == "tf_efficientnet_lite0" and str(cfg.backbone.pretrained).lower() == "true"
-    assert cfg.backbone.freeze_groups == 5 and cfg.optimizer.lr == 0.002
+    assert cfg.backbone.freeze_groups == 5 and cfg.optimizer.lr == 0.002 and cfg.backbone.freeze_norm_stats is False
     assert cfg.data.image_size == 96
     assert cfg.callbacks.early_stopping.monitor == "val/loss"
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import difflib
 import logging
 import warnings
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -78,6 +78,7 @@ def create_backbone(
     kwargs: Mapping[str, Any] | None = None,
     freeze_groups: int = 0,
     freeze_epochs: int = 0,
+    freeze_norm_stats: bool = False,
 ) -> BuiltBackbone:
     """Build ``name`` with a fresh ``num_classes`` head according to the pretrained policy, frozen as asked.
 
@@ -89,12 +90,20 @@ def create_backbone(
     the hub: :mod:`crackclf.models.weights`) and otherwise warns loudly and trains from scratch; ``true`` requires
     them; ``false`` never loads them. ``weights`` (a local file) overrides all three. ``kwargs``: extra timm
     ``create_model`` arguments, recorded with the model. ``freeze_groups``: the first N of timm's coarse parameter
-    groups stay frozen all run; ``freeze_epochs``: only the head trains for the first N epochs.
+    groups stay frozen all run; ``freeze_epochs``: only the head trains for the first N epochs;
+    ``freeze_norm_stats``: every BatchNorm layer keeps its pretrained running statistics all run (its scale and shift
+    still train), so fine-tuning starts from the very features a linear-probe head was fitted on (ignored, with a
+    warning, when no pretrained weights were loaded: a fresh network's statistics mean nothing).
     """
     timm_kwargs = dict(kwargs or {})
     built = _create_network(name, pretrained, weights, dict(num_classes=num_classes, drop_rate=drop_rate,
                                                             **timm_kwargs))
     frozen_names, frozen_norms = freeze_early_groups(built.model, int(freeze_groups or 0))
+    if freeze_norm_stats and built.pretrained_status.startswith("scratch"):
+        log.warning("backbone.freeze_norm_stats=true ignored: %s starts from scratch (%s), so its BatchNorm layers "
+                    "have no statistics to keep; they learn them as usual", name, built.pretrained_status)
+    elif freeze_norm_stats:
+        frozen_norms = batch_norms(built.model)
     built.name, built.timm_kwargs, built.freeze_epochs = name, timm_kwargs, int(freeze_epochs or 0)
     built.frozen_names, built.frozen_norms = frozen_names, frozen_norms
     return built
@@ -170,10 +179,14 @@ def freeze_early_groups(model: nn.Module, groups: int) -> tuple[frozenset[str], 
     for name, parameter in model.named_parameters():
         if name in names:
             parameter.requires_grad_(False)
-    norms = [module for prefix, module in model.named_modules()
-             if isinstance(module, nn.modules.batchnorm._BatchNorm)
-             and all(f"{prefix}.{n}" in names for n, _ in module.named_parameters())]
-    return names, norms
+    return names, batch_norms(model, lambda prefix, norm: all(f"{prefix}.{n}" in names
+                                                              for n, _ in norm.named_parameters()))
+
+
+def batch_norms(model: nn.Module, keep: Callable[[str, nn.Module], bool] | None = None) -> list[nn.Module]:
+    """The BatchNorm layers of ``model`` (those for which ``keep(name, layer)`` holds, when given)."""
+    return [module for prefix, module in model.named_modules()
+            if isinstance(module, nn.modules.batchnorm._BatchNorm) and (keep is None or keep(prefix, module))]
 
 
 class CrackNet(nn.Module):

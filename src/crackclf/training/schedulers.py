@@ -40,7 +40,8 @@ def set_total_steps(scheduler: object, total_steps: int, warmup_from: int | None
     """Make a :func:`warmup_cosine` schedule end (reach its lowest rate) at ``total_steps``.
 
     The warm-up is kept, unless ``warmup_from`` gives the steps already taken: then it becomes ``warmup_fraction``
-    of the new total, never shorter than the steps taken (the rate never jumps) nor longer than it was.
+    of the new total, never ending before the steps already taken nor longer than it was (from a short plan's
+    few warm-up steps the rate climbs to its peak within a step or two).
     Returns ``False`` for a scheduler that cannot be re-planned in flight (it then runs as it was planned).
     """
     factors = [f for f in getattr(scheduler, "lr_lambdas", []) if isinstance(f, WarmupCosineFactor)]
