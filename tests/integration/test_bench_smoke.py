@@ -80,3 +80,18 @@ def test_benchmarks_refuse_a_missing_data_folder_by_name(script, tmp_path):
                             timeout=120)
     assert result.returncode != 0 and str(missing) in result.stderr and "Traceback" not in result.stderr
 
+
+
+@pytest.mark.slow  # three pretrained networks built and fine-tuned for a few steps
+def test_norm_stats_study_prints_both_tables_from_the_images_given(tiny_dataset):
+    """``scripts/norm_stats_study.py`` (the BatchNorm diagnosis of docs/transfer.md) on a small generated set: the
+    probe's scores in both modes, then one fine-tune per learning rate and BatchNorm setting."""
+    result = bench("norm_stats_study.py", "--data", tiny_dataset, "--images", 80, "--steps", 2, "--lrs", 0.002)
+    rows = [line for line in result.stdout.splitlines() if line.startswith("| ")]
+    probe = [row for row in rows if row.startswith("| 48 images |")]
+    assert len(probe) == 1
+    scores = [float(v) for part in probe[0].split("|")[2:4] for v in part.split("/")]
+    assert len(scores) == 4 and all(0.0 <= v <= 1.0 for v in scores)
+    tuned = [row for row in rows if row.startswith("| 0.002 |")]
+    assert [row.split("|")[2].strip() for row in tuned] == ["false", "true"]
+    assert all(0.0 <= float(row.split("|")[5]) <= 1.0 for row in tuned)
