@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
-from crackclf.data.images import load_resized
+from crackclf.data.images import list_image_files, load_resized
 from crackclf.models.backbone import CrackNet, create_backbone
 from crackclf.training.probe import fit_logistic_head
 
@@ -32,7 +32,8 @@ BATCH = 64
 
 def load(root: Path, count: int, size: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
     """``count`` random images of ``Negative/`` and ``Positive/``, as uint8 NCHW at ``size`` px, and their labels."""
-    files = [(p, label) for label, name in enumerate(("Negative", "Positive")) for p in sorted((root / name).glob("*"))]
+    files = [(p, label) for label, name in enumerate(("Negative", "Positive"))
+             for p in list_image_files(root / name, folders=False)]
     random.Random(seed).shuffle(files)
     files = files[:count]
     images = torch.stack([torch.from_numpy(load_resized(p, size)).permute(2, 0, 1) for p, _ in files])

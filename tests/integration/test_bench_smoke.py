@@ -81,7 +81,6 @@ def test_benchmarks_refuse_a_missing_data_folder_by_name(script, tmp_path):
     assert result.returncode != 0 and str(missing) in result.stderr and "Traceback" not in result.stderr
 
 
-
 @pytest.mark.slow  # three pretrained networks built and fine-tuned for a few steps
 def test_norm_stats_study_prints_both_tables_from_the_images_given(tiny_dataset):
     """``scripts/norm_stats_study.py`` (the BatchNorm diagnosis of docs/transfer.md) on a small generated set: the
