@@ -38,3 +38,27 @@ def test_degenerate_inputs():
     assert near_duplicate_pairs(np.array([7], dtype=np.uint64), 6).shape == (0, 2)
     same = np.full(4, 123, dtype=np.uint64)
     np.testing.assert_array_equal(near_duplicate_pairs(same, 6), _all_pairs(same, 6))
+
+
+def test_batched_phash_is_imagehash_phash(tmp_path):
+    """The scan's batched perceptual hash gives ``imagehash.phash``'s bits (stored inventories and the thresholds
+    measured with imagehash stay valid), on generated crack images, noise and a flat image, and through a scan."""
+    import imagehash
+    from PIL import Image
+
+    from crackclf.data.inventory import phash_hex, phash_input, scan
+    from tests.conftest import make_concrete, write_dataset
+
+    rng = np.random.default_rng(3)
+    images = [make_concrete(rng, 96, crack=bool(i % 2)).convert("L") for i in range(40)]
+    images += [Image.fromarray(rng.integers(0, 256, (70, 90), dtype=np.uint8)), Image.new("L", (64, 64), 128)]
+    expected = [str(imagehash.phash(image)) for image in images]
+    assert phash_hex(np.stack([phash_input(image) for image in images])) == expected
+    assert len(set(expected)) > 30  # distinct images, distinct hashes: the comparison is not of constants
+
+    root = write_dataset(tmp_path / "data", per_class=6, seed=4)
+    records = scan(root, ("Negative", "Positive"), progress=False).records
+    for record in records:
+        with Image.open(root / record.path) as image:
+            image.draft("RGB", (64, 64))  # the scan's draft decode (HASH_DRAFT)
+            assert record.phash == str(imagehash.phash(image.convert("L"))), record.path
