@@ -12,6 +12,7 @@ from __future__ import annotations
 import re
 
 import pytest
+import torch
 from mlflow.tracking import MlflowClient
 
 from tests.conftest import run_train, write_dataset
@@ -54,6 +55,18 @@ def test_default_recipe_runs_as_make_train_does(tmp_path, mlflow_uri, cache_dir)
     assert run.data.metrics["probe/images"] == 88 and run.data.metrics["probe/train_acc"] > 0.5
     history = client.get_metric_history(run.info.run_id, "train/loss")
     assert len(history) == 4  # one epoch value per epoch, reduced over both ranks
+    # The probed model was scored on validation (gathered from both ranks) and saved as the first best checkpoint:
+    # the shipped weights are whichever scored the lower val/loss, the probe's or an epoch's.
+    probe_loss = run.data.metrics["probe/val/loss"]
+    assert "linear probe: the probed model scored val/loss" in output
+    fit_losses = [m.value for m in sorted(client.get_metric_history(run.info.run_id, "val/loss"),
+                                          key=lambda m: m.timestamp)][:-1]  # the epochs' (then the final pass)
+    assert len(fit_losses) == 4
+    best = torch.load(tmp_path / "run" / "checkpoints" / "best.ckpt", map_location="cpu", weights_only=False)
+    if best["global_step"] == 0:
+        assert probe_loss <= min(fit_losses)
+    else:
+        assert min(fit_losses) < probe_loss
     # The default backbone learned these generated cracks: measured on the held-out splits (20 + 20 images).
     assert run.data.metrics["val/acc"] >= DEFAULT_LEARNS and run.data.metrics["test/acc"] >= DEFAULT_LEARNS
     (printed,) = re.findall(r"^  test/acc +(\S+)$", output, re.M)  # one summary (rank zero's), the logged value

@@ -120,3 +120,31 @@ def test_bad_backbone_fails_fast_without_traceback(tmp_path, mlflow_uri, cache_d
     assert not (tmp_path / "run" / "checkpoints").exists()
     assert not Path(mlflow_uri.removeprefix("sqlite:///")).exists() or not MlflowClient(mlflow_uri).search_experiments(
         filter_string="name = 'crack'")
+
+
+@pytest.mark.slow
+def test_fine_tuning_that_loses_to_the_probe_ships_the_probed_model(tmp_path, mlflow_uri, cache_dir):
+    # A rate that wrecks the network in its first steps: the fine-tuned epoch scores worse on validation than the
+    # linear probe's model, which was saved as the first best checkpoint; that model is what gets thresholded,
+    # tested and bundled (callbacks.linear_probe.checkpoint, on by default).
+    from tests.conftest import write_dataset
+
+    data = write_dataset(tmp_path / "data", per_class=48, size=96, seed=7)
+    result = run_train(f"data.root={data}", "trainer.max_epochs=1", "optimizer.lr=0.5", "data.progress=false",
+                       f"hydra.run.dir={tmp_path / 'run'}", timeout=300)
+    output = result.stdout + result.stderr
+    assert result.returncode == 0, output[-4000:]
+    assert "linear probe: the probed model scored val/loss" in output
+    client, run = only_run(mlflow_uri)
+    metrics = run.data.metrics
+    history = client.get_metric_history(run.info.run_id, "val/loss")
+    epoch_loss = sorted(history, key=lambda m: m.timestamp)[0].value  # the fit's epoch (then the final pass)
+    assert epoch_loss > metrics["probe/val/loss"]  # the fine-tuned epoch lost to the probe
+    import torch
+
+    saved = torch.load(tmp_path / "run" / "checkpoints" / "best.ckpt", map_location="cpu", weights_only=False)
+    assert saved["global_step"] == 0  # the probed model, saved before the first step
+    # The final validation re-scored those weights (not the last epoch's): the probe's own numbers.
+    assert metrics["val/acc"] == pytest.approx(metrics["probe/val/acc"], abs=1e-6)
+    assert metrics["val/loss"] == pytest.approx(metrics["probe/val/loss"], abs=2e-3)
+    assert metrics["test/acc"] >= 0.85  # and the shipped model recognises the generated cracks

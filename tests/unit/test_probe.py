@@ -24,9 +24,10 @@ def _blobs(count: int, width: int, seed: int = 0) -> tuple[torch.Tensor, torch.T
     return features * scale + 7.0, labels
 
 
-def test_the_head_is_the_penalised_logistic_regression_on_raw_features():
+@pytest.mark.parametrize("smoothing", [0.0, 0.05])
+def test_the_head_is_the_penalised_logistic_regression_on_raw_features(smoothing):
     features, labels = _blobs(400, 6)
-    weight, bias = fit_logistic_head(features, labels, l2=1e-3)
+    weight, bias = fit_logistic_head(features, labels, l2=1e-3, label_smoothing=smoothing)
     assert weight.shape == (2, 6) and bias.shape == (2,)
     # Its softmax is sigmoid(w.x + b), and (w, b) is a stationary point of the penalised loss on standardised
     # features: the fitted regression itself, not just some separating line.
@@ -35,12 +36,18 @@ def test_the_head_is_the_penalised_logistic_regression_on_raw_features():
     b = (bias[1] - bias[0]).double() + ((weight[1] - weight[0]).double() * mean).sum()
     b = b.detach().requires_grad_(True)
     z = (features.double() - mean) / scale
-    loss = torch.nn.functional.binary_cross_entropy_with_logits(z @ w + b, labels.double()) + 1e-3 * (w @ w)
+    # Two-class label smoothing: the true class's target is 1 - smoothing/2, as torch's cross-entropy makes it.
+    target = labels.double() * (1 - smoothing) + smoothing / 2
+    loss = torch.nn.functional.binary_cross_entropy_with_logits(z @ w + b, target) + 1e-3 * (w @ w)
     loss.backward()
     assert w.grad.abs().max() < 1e-4 and b.grad.abs() < 1e-4
     probabilities = (features @ weight.T + bias).softmax(1)[:, 1]
     assert ((probabilities > 0.5).long() == labels).float().mean() > 0.7  # it learned the informative direction
     assert abs(w[0].item()) > 5 * w[1:].abs().max().item()
+    # The same loss as the network's smoothed cross-entropy on the head's two logits.
+    logits = features.double() @ weight.T.double() + bias.double()
+    cross_entropy = torch.nn.functional.cross_entropy(logits, labels, label_smoothing=smoothing)
+    assert cross_entropy.item() == pytest.approx(loss.item() - 1e-3 * (w @ w).item(), rel=1e-4)
 
 
 def test_a_larger_penalty_gives_a_smaller_head_and_one_class_is_refused():

@@ -51,15 +51,15 @@ def finalize(trainer: Any, model: Any, datamodule: Any, *, threshold_mode: str, 
     gap."""
     checkpoint = trainer.checkpoint_callback
     best_path = checkpoint.best_model_path if checkpoint is not None else ""
-    best_epoch = None
+    best_step = None
     if best_path:
         saved = torch.load(best_path, map_location="cpu", weights_only=False)
         model.load_state_dict(saved["state_dict"])
-        best_epoch = saved.get("epoch")
+        best_step = saved.get("global_step")
 
     # Threshold on validation data only, with the weights that will be deployed. When they are the last epoch's,
     # that epoch's validation pass (outputs and synchronised metrics) already scored them: no second pass.
-    val_results = _last_validation(trainer, model, best_epoch)
+    val_results = _last_validation(trainer, model, best_step)
     if val_results is None:
         val_results = trainer.validate(model, datamodule=datamodule, verbose=False)[0]
     val_probabilities, val_labels = model.validation_probabilities()
@@ -158,12 +158,13 @@ def bundle_info(cfg: Any, model: Any, datamodule: Any, threshold: float, run_id:
     )
 
 
-def _last_validation(trainer: Any, model: Any, best_epoch: int | None) -> dict[str, float] | None:
-    """``val/acc`` and ``val/loss`` of the fit's last validation pass when it scored the best weights (the last
-    epoch was the best, and this process ran that pass: a resumed run may not have), else ``None``."""
+def _last_validation(trainer: Any, model: Any, best_step: int | None) -> dict[str, float] | None:
+    """``val/acc`` and ``val/loss`` of the fit's last validation pass when it scored the best weights (saved after
+    the last training step: the last epoch was the best, not e.g. the linear probe's model saved before the first
+    step; and this process ran that pass: a resumed run may not have), else ``None``."""
     last_epoch = trainer.current_epoch - 1  # after fit, current_epoch counts the epochs trained
     metrics = trainer.callback_metrics
-    if (best_epoch is None or best_epoch != last_epoch or not model.val_outputs
+    if (best_step is None or best_step != trainer.global_step or not model.val_outputs
             or getattr(model, "val_outputs_epoch", None) != last_epoch
             or "val/acc" not in metrics or "val/loss" not in metrics):
         return None

@@ -6,6 +6,11 @@ during the first steps, which both wastes a short CPU budget and distorts the pr
 the first training step, the head is fitted as a logistic regression on the frozen network's features of a sample
 of unaugmented training images, in closed loop (L-BFGS, a few seconds on a CPU); fine-tuning then starts from it.
 What it scores and what it costs: `make bench-recipe`, docs/transfer.md.
+
+With ``checkpoint: true`` the probed model is also scored on the validation split and saved as the run's first best
+checkpoint, so the fine-tuned weights replace it only when they beat it on the checkpoint's monitor: a machine that
+fits too few fine-tuning steps to gain anything (early steps cost accuracy before they add any: docs/recipe.md)
+ships the probed model instead of worse weights.
 """
 
 from __future__ import annotations
@@ -40,15 +45,20 @@ class LinearProbeHead(pl.Callback):
         l2: L2 penalty on the head's weights, per image, on standardised features.
         keep_trained_head: on a run started from a trained model (``init_from``), keep its head (``False``: refit it
             on this run's training images, e.g. a new surface's mix in ``experiment=adapt``).
+        checkpoint: score the probed model on the validation split and save it as the first best checkpoint of the
+            run's ``ModelCheckpoint`` (monitor ``val/loss`` or ``val/acc``): fine-tuned weights are kept only when
+            they score better. Costs one pass over the validation images before the first step.
     """
 
-    def __init__(self, images: int, l2: float, keep_trained_head: bool = True) -> None:
+    def __init__(self, images: int, l2: float, keep_trained_head: bool = True, checkpoint: bool = False) -> None:
         if images < 0:
             raise UsageError(f"callbacks.linear_probe.images={images} must be >= 0 (0 switches the probe off).")
         if l2 <= 0:
             raise UsageError(f"callbacks.linear_probe.l2={l2} must be > 0: the head's L2 penalty, e.g. 1e-3.")
         self.images, self.l2, self.keep_trained_head = int(images), float(l2), bool(keep_trained_head)
+        self.checkpoint = bool(checkpoint)
         self.train_accuracy: float | None = None
+        self.val_scores: dict[str, float] | None = None  # the probed model's val/loss and val/acc (checkpoint)
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if not self.images or trainer.global_step > 0 or trainer.current_epoch > 0:
@@ -66,12 +76,11 @@ class LinearProbeHead(pl.Callback):
         count = min(self.images, datamodule.train_rows_count)
         count -= count % world  # an equal share per rank: the gather needs equal shapes
         features, labels = _features(pl_module, datamodule, datamodule.train_sample_dataloader(count))
-        if world > 1:
-            width = features.shape[1]
-            features, labels = gather_to_cpu(trainer.strategy, features, labels)
-            features = features.view(-1, width)
+        features, labels = _gathered(trainer, features, labels)
         head = pl_module.net.backbone.get_classifier()
-        weight, bias = fit_logistic_head(features, labels, self.l2)
+        # The loss fine-tuning minimises (and the checkpoint's val/loss scores): a head fitted to hard targets is
+        # overconfident under label smoothing, and would lose a val/loss comparison it wins on accuracy.
+        weight, bias = fit_logistic_head(features, labels, self.l2, label_smoothing=_label_smoothing(pl_module))
         with torch.no_grad():
             head.weight.copy_(weight.to(head.weight))
             head.bias.copy_(bias.to(head.bias))
@@ -80,9 +89,56 @@ class LinearProbeHead(pl.Callback):
         seconds = time.monotonic() - started
         log.info("linear probe: the head fitted on %d training images' features in %.1f s (their accuracy %.4f)",
                  len(labels), seconds, self.train_accuracy)
+        metrics = {"probe/train_acc": self.train_accuracy, "probe/seconds": seconds, "probe/images": float(len(labels))}
+        if self.checkpoint:
+            self._checkpoint_probed_model(trainer, pl_module, datamodule)
+            if self.val_scores is not None:
+                metrics |= {f"probe/{name}": value for name, value in self.val_scores.items()}
         if trainer.logger is not None:
-            trainer.logger.log_metrics({"probe/train_acc": self.train_accuracy, "probe/seconds": seconds,
-                                        "probe/images": float(len(labels))}, step=0)
+            trainer.logger.log_metrics(metrics, step=0)
+
+    def _checkpoint_probed_model(self, trainer: pl.Trainer, pl_module: pl.LightningModule, datamodule) -> None:
+        """Score the probed model on the validation split (its ``val/loss`` and ``val/acc`` as the module computes
+        them) and make it the checkpoint callback's best so far. Every rank takes part (gather, checkpoint barrier)
+        at ``on_train_start``, which every rank reaches once, in the same order."""
+        callback = trainer.checkpoint_callback
+        if callback is None or callback.monitor not in ("val/loss", "val/acc") or callback.save_top_k != 1:
+            log.info("linear probe: the probed model is not checkpointed (needs a ModelCheckpoint of save_top_k 1 "
+                     "monitoring val/loss or val/acc)")
+            return
+        if not datamodule.rows_of("val"):
+            return
+        started = time.monotonic()
+        features, labels = _gathered(trainer, *_features(pl_module, datamodule, datamodule.val_dataloader()))
+        head = pl_module.net.backbone.get_classifier()
+        with torch.no_grad():
+            logits = head(features.to(head.weight)).float()
+        loss = nn.functional.cross_entropy(logits, labels, label_smoothing=_label_smoothing(pl_module))
+        self.val_scores = {"val/loss": float(loss), "val/acc": float((logits.argmax(1) == labels).double().mean())}
+        path = callback.format_checkpoint_name({})
+        trainer.save_checkpoint(path)
+        # The callback's own bookkeeping, as if it had saved this checkpoint: a later validation replaces the file
+        # (same name) only when its score is better.
+        score = torch.tensor(self.val_scores[callback.monitor])
+        callback.best_k_models = {path: score}
+        callback.best_model_path = callback.kth_best_model_path = path
+        callback.best_model_score = callback.kth_value = score
+        log.info("linear probe: the probed model scored val/loss %.4f, val/acc %.4f (%.1f s); saved as the best "
+                 "checkpoint so far: fine-tuning replaces it only with better %s", self.val_scores["val/loss"],
+                 self.val_scores["val/acc"], time.monotonic() - started, callback.monitor)
+
+
+def _label_smoothing(pl_module: pl.LightningModule) -> float:
+    return float(pl_module.hparams.get("label_smoothing", 0.0))
+
+
+def _gathered(trainer: pl.Trainer, features: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Every rank's features and labels, on every rank (DDP); as they are in one process."""
+    if trainer.world_size <= 1:
+        return features, labels
+    width = features.shape[1]
+    features, labels = gather_to_cpu(trainer.strategy, features, labels)
+    return features.view(-1, width), labels
 
 
 def _features(pl_module: pl.LightningModule, datamodule, loader) -> tuple[torch.Tensor, torch.Tensor]:
@@ -106,10 +162,11 @@ def _features(pl_module: pl.LightningModule, datamodule, loader) -> tuple[torch.
     return torch.cat(outputs).clone(), torch.cat(labels).long().clone()
 
 
-def fit_logistic_head(features: torch.Tensor, labels: torch.Tensor, l2: float,
-                      iterations: int = 200) -> tuple[torch.Tensor, torch.Tensor]:
+def fit_logistic_head(features: torch.Tensor, labels: torch.Tensor, l2: float, iterations: int = 200,
+                      label_smoothing: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
     """A two-class linear head (weight (2, D), bias (2,)) whose softmax is the L2-penalised logistic regression of
-    ``labels`` (0/1) on ``features``.
+    ``labels`` (0/1) on ``features``; with ``label_smoothing`` ε, of the targets cross-entropy's label smoothing
+    makes of them over two classes (1 - ε/2 for the true class).
 
     Fitted on standardised features (every feature's scale alike, so one penalty suits all), then folded back to
     the raw features; float64 L-BFGS on the CPU, deterministic: every DDP rank computes the same head from the same
@@ -120,6 +177,7 @@ def fit_logistic_head(features: torch.Tensor, labels: torch.Tensor, l2: float,
     if len(x) == 0 or y.min() == y.max():
         raise UsageError("callbacks.linear_probe needs training images of both classes; set "
                          "callbacks.linear_probe.images higher (or 0 to switch the probe off).")
+    target = y * (1 - label_smoothing) + label_smoothing / 2
     mean, scale = x.mean(0), x.std(0).clamp_min(1e-6)
     z = (x - mean) / scale
     w = torch.zeros(z.shape[1], dtype=torch.float64, requires_grad=True)
@@ -129,7 +187,7 @@ def fit_logistic_head(features: torch.Tensor, labels: torch.Tensor, l2: float,
 
     def closure() -> torch.Tensor:
         optimiser.zero_grad()
-        loss = nn.functional.binary_cross_entropy_with_logits(z @ w + b, y) + l2 * (w @ w)
+        loss = nn.functional.binary_cross_entropy_with_logits(z @ w + b, target) + l2 * (w @ w)
         loss.backward()
         return loss
 
