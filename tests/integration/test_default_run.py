@@ -58,7 +58,7 @@ def test_default_recipe_runs_as_make_train_does(tmp_path, mlflow_uri, cache_dir)
     # The probed model was scored on validation (gathered from both ranks) and saved as the first best checkpoint:
     # the shipped weights are whichever scored the lower val/loss, the probe's or an epoch's.
     probe_loss = run.data.metrics["probe/val/loss"]
-    assert "linear probe: the probed model scored val/loss" in output
+    assert "linear probe: the probed model (logits x " in output
     fit_losses = [m.value for m in sorted(client.get_metric_history(run.info.run_id, "val/loss"),
                                           key=lambda m: m.timestamp)][:-1]  # the epochs' (then the final pass)
     assert len(fit_losses) == 4

@@ -134,7 +134,7 @@ def test_fine_tuning_that_loses_to_the_probe_ships_the_probed_model(tmp_path, ml
                        f"hydra.run.dir={tmp_path / 'run'}", timeout=300)
     output = result.stdout + result.stderr
     assert result.returncode == 0, output[-4000:]
-    assert "linear probe: the probed model scored val/loss" in output
+    assert "linear probe: the probed model (logits x " in output
     client, run = only_run(mlflow_uri)
     metrics = run.data.metrics
     history = client.get_metric_history(run.info.run_id, "val/loss")

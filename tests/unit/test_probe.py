@@ -11,7 +11,7 @@ import torch
 
 from crackclf.models.backbone import create_backbone
 from crackclf.models.module import CrackClassifier
-from crackclf.training.probe import LinearProbeHead, fit_logistic_head
+from crackclf.training.probe import LinearProbeHead, fit_logistic_head, smoothed_loss_scale
 
 
 def _blobs(count: int, width: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
@@ -24,10 +24,9 @@ def _blobs(count: int, width: int, seed: int = 0) -> tuple[torch.Tensor, torch.T
     return features * scale + 7.0, labels
 
 
-@pytest.mark.parametrize("smoothing", [0.0, 0.05])
-def test_the_head_is_the_penalised_logistic_regression_on_raw_features(smoothing):
+def test_the_head_is_the_penalised_logistic_regression_on_raw_features():
     features, labels = _blobs(400, 6)
-    weight, bias = fit_logistic_head(features, labels, l2=1e-3, label_smoothing=smoothing)
+    weight, bias = fit_logistic_head(features, labels, l2=1e-3)
     assert weight.shape == (2, 6) and bias.shape == (2,)
     # Its softmax is sigmoid(w.x + b), and (w, b) is a stationary point of the penalised loss on standardised
     # features: the fitted regression itself, not just some separating line.
@@ -36,18 +35,32 @@ def test_the_head_is_the_penalised_logistic_regression_on_raw_features(smoothing
     b = (bias[1] - bias[0]).double() + ((weight[1] - weight[0]).double() * mean).sum()
     b = b.detach().requires_grad_(True)
     z = (features.double() - mean) / scale
-    # Two-class label smoothing: the true class's target is 1 - smoothing/2, as torch's cross-entropy makes it.
-    target = labels.double() * (1 - smoothing) + smoothing / 2
-    loss = torch.nn.functional.binary_cross_entropy_with_logits(z @ w + b, target) + 1e-3 * (w @ w)
+    loss = torch.nn.functional.binary_cross_entropy_with_logits(z @ w + b, labels.double()) + 1e-3 * (w @ w)
     loss.backward()
     assert w.grad.abs().max() < 1e-4 and b.grad.abs() < 1e-4
     probabilities = (features @ weight.T + bias).softmax(1)[:, 1]
     assert ((probabilities > 0.5).long() == labels).float().mean() > 0.7  # it learned the informative direction
     assert abs(w[0].item()) > 5 * w[1:].abs().max().item()
-    # The same loss as the network's smoothed cross-entropy on the head's two logits.
+    # The same loss as the network's cross-entropy on the head's two logits.
     logits = features.double() @ weight.T.double() + bias.double()
-    cross_entropy = torch.nn.functional.cross_entropy(logits, labels, label_smoothing=smoothing)
+    cross_entropy = torch.nn.functional.cross_entropy(logits, labels)
     assert cross_entropy.item() == pytest.approx(loss.item() - 1e-3 * (w @ w).item(), rel=1e-4)
+
+
+def test_the_candidates_scale_minimises_the_smoothed_loss_and_keeps_the_decisions():
+    features, labels = _blobs(400, 6)
+    features[:, 0] += 3.0 * labels  # well separated: the regression is confident, smoothing wants it less so
+    weight, bias = fit_logistic_head(features, labels, l2=1e-4)
+    logits = (features @ weight.T + bias).double()
+    scale = smoothed_loss_scale(logits, labels, 0.05)
+    assert 0 < scale < 1  # less confident than the hard-label fit
+
+    def smoothed(factor: float) -> float:
+        return torch.nn.functional.cross_entropy(logits * factor, labels, label_smoothing=0.05).item()
+
+    assert smoothed(scale) < min(smoothed(scale * 0.9), smoothed(scale * 1.1), smoothed(1.0))
+    assert torch.equal((logits * scale).argmax(1), logits.argmax(1))
+    assert smoothed_loss_scale(logits, labels, 0.0) == 1.0
 
 
 def test_a_larger_penalty_gives_a_smaller_head_and_one_class_is_refused():

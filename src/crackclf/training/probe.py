@@ -27,7 +27,7 @@ from crackclf.errors import UsageError
 
 log = logging.getLogger(__name__)
 
-__all__ = ["LinearProbeHead", "fit_logistic_head"]
+__all__ = ["LinearProbeHead", "fit_logistic_head", "smoothed_loss_scale"]
 
 
 class LinearProbeHead(pl.Callback):
@@ -78,9 +78,7 @@ class LinearProbeHead(pl.Callback):
         features, labels = _features(pl_module, datamodule, datamodule.train_sample_dataloader(count))
         features, labels = _gathered(trainer, features, labels)
         head = pl_module.net.backbone.get_classifier()
-        # The loss fine-tuning minimises (and the checkpoint's val/loss scores): a head fitted to hard targets is
-        # overconfident under label smoothing, and would lose a val/loss comparison it wins on accuracy.
-        weight, bias = fit_logistic_head(features, labels, self.l2, label_smoothing=_label_smoothing(pl_module))
+        weight, bias = fit_logistic_head(features, labels, self.l2)
         with torch.no_grad():
             head.weight.copy_(weight.to(head.weight))
             head.bias.copy_(bias.to(head.bias))
@@ -91,16 +89,24 @@ class LinearProbeHead(pl.Callback):
                  len(labels), seconds, self.train_accuracy)
         metrics = {"probe/train_acc": self.train_accuracy, "probe/seconds": seconds, "probe/images": float(len(labels))}
         if self.checkpoint:
-            self._checkpoint_probed_model(trainer, pl_module, datamodule)
+            scale = smoothed_loss_scale(logits, labels, _label_smoothing(pl_module))
+            self._checkpoint_probed_model(trainer, pl_module, datamodule, scale)
             if self.val_scores is not None:
                 metrics |= {f"probe/{name}": value for name, value in self.val_scores.items()}
         if trainer.logger is not None:
             trainer.logger.log_metrics(metrics, step=0)
 
-    def _checkpoint_probed_model(self, trainer: pl.Trainer, pl_module: pl.LightningModule, datamodule) -> None:
-        """Score the probed model on the validation split (its ``val/loss`` and ``val/acc`` as the module computes
-        them) and make it the checkpoint callback's best so far. Every rank takes part (gather, checkpoint barrier)
-        at ``on_train_start``, which every rank reaches once, in the same order."""
+    def _checkpoint_probed_model(self, trainer: pl.Trainer, pl_module: pl.LightningModule, datamodule,
+                                 scale: float) -> None:
+        """Score the probed model, its head's logits multiplied by ``scale``, on the validation split (``val/loss``
+        and ``val/acc`` as the module computes them), save it and make it the checkpoint callback's best so far;
+        fine-tuning then starts from the unscaled head. Every rank takes part (gather, checkpoint barrier) at
+        ``on_train_start``, which every rank reaches once, in the same order.
+
+        Why the scale: the head is the logistic regression of the hard labels (its decisions), but ``val/loss`` is
+        the label-smoothed cross-entropy the network is trained on, which punishes a confident head that is right;
+        scaled to the smoothed loss's optimum on its training features, the candidate makes the same decisions and
+        competes on the loss the fine-tuned epochs are scored by."""
         callback = trainer.checkpoint_callback
         if callback is None or callback.monitor not in ("val/loss", "val/acc") or callback.save_top_k != 1:
             log.info("linear probe: the probed model is not checkpointed (needs a ModelCheckpoint of save_top_k 1 "
@@ -112,20 +118,49 @@ class LinearProbeHead(pl.Callback):
         features, labels = _gathered(trainer, *_features(pl_module, datamodule, datamodule.val_dataloader()))
         head = pl_module.net.backbone.get_classifier()
         with torch.no_grad():
-            logits = head(features.to(head.weight)).float()
+            logits = head(features.to(head.weight)).float() * scale
         loss = nn.functional.cross_entropy(logits, labels, label_smoothing=_label_smoothing(pl_module))
         self.val_scores = {"val/loss": float(loss), "val/acc": float((logits.argmax(1) == labels).double().mean())}
         path = callback.format_checkpoint_name({})
+        fitted = [head.weight.detach().clone(), head.bias.detach().clone()]
+        with torch.no_grad():
+            head.weight.mul_(scale)
+            head.bias.mul_(scale)
         trainer.save_checkpoint(path)
+        with torch.no_grad():
+            head.weight.copy_(fitted[0])
+            head.bias.copy_(fitted[1])
         # The callback's own bookkeeping, as if it had saved this checkpoint: a later validation replaces the file
         # (same name) only when its score is better.
         score = torch.tensor(self.val_scores[callback.monitor])
         callback.best_k_models = {path: score}
         callback.best_model_path = callback.kth_best_model_path = path
         callback.best_model_score = callback.kth_value = score
-        log.info("linear probe: the probed model scored val/loss %.4f, val/acc %.4f (%.1f s); saved as the best "
-                 "checkpoint so far: fine-tuning replaces it only with better %s", self.val_scores["val/loss"],
-                 self.val_scores["val/acc"], time.monotonic() - started, callback.monitor)
+        log.info("linear probe: the probed model (logits x %.3f) scored val/loss %.4f, val/acc %.4f (%.1f s); saved as "
+                 "the best checkpoint so far: fine-tuning replaces it only with better %s", scale,
+                 self.val_scores["val/loss"], self.val_scores["val/acc"], time.monotonic() - started, callback.monitor)
+
+
+def smoothed_loss_scale(logits: torch.Tensor, labels: torch.Tensor, label_smoothing: float) -> float:
+    """The factor t > 0 for which ``t * logits`` (N, 2) minimise the mean cross-entropy with ``label_smoothing`` on
+    ``labels``: the same decisions, at the confidence that loss rewards (1.0 without smoothing: the regression's
+    own is the optimum of the unsmoothed loss, up to its penalty)."""
+    if label_smoothing <= 0:
+        return 1.0
+    x = logits.detach().cpu().double()
+    y = labels.detach().cpu().long()
+    log_t = torch.zeros((), dtype=torch.float64, requires_grad=True)
+    optimiser = torch.optim.LBFGS([log_t], lr=1.0, max_iter=100, tolerance_grad=1e-10, tolerance_change=1e-14,
+                                  line_search_fn="strong_wolfe")
+
+    def closure() -> torch.Tensor:
+        optimiser.zero_grad()
+        loss = nn.functional.cross_entropy(x * log_t.exp(), y, label_smoothing=label_smoothing)
+        loss.backward()
+        return loss
+
+    optimiser.step(closure)
+    return float(log_t.detach().exp())
 
 
 def _label_smoothing(pl_module: pl.LightningModule) -> float:
@@ -162,11 +197,10 @@ def _features(pl_module: pl.LightningModule, datamodule, loader) -> tuple[torch.
     return torch.cat(outputs).clone(), torch.cat(labels).long().clone()
 
 
-def fit_logistic_head(features: torch.Tensor, labels: torch.Tensor, l2: float, iterations: int = 200,
-                      label_smoothing: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
+def fit_logistic_head(features: torch.Tensor, labels: torch.Tensor, l2: float,
+                      iterations: int = 200) -> tuple[torch.Tensor, torch.Tensor]:
     """A two-class linear head (weight (2, D), bias (2,)) whose softmax is the L2-penalised logistic regression of
-    ``labels`` (0/1) on ``features``; with ``label_smoothing`` ε, of the targets cross-entropy's label smoothing
-    makes of them over two classes (1 - ε/2 for the true class).
+    ``labels`` (0/1) on ``features``.
 
     Fitted on standardised features (every feature's scale alike, so one penalty suits all), then folded back to
     the raw features; float64 L-BFGS on the CPU, deterministic: every DDP rank computes the same head from the same
@@ -177,7 +211,6 @@ def fit_logistic_head(features: torch.Tensor, labels: torch.Tensor, l2: float, i
     if len(x) == 0 or y.min() == y.max():
         raise UsageError("callbacks.linear_probe needs training images of both classes; set "
                          "callbacks.linear_probe.images higher (or 0 to switch the probe off).")
-    target = y * (1 - label_smoothing) + label_smoothing / 2
     mean, scale = x.mean(0), x.std(0).clamp_min(1e-6)
     z = (x - mean) / scale
     w = torch.zeros(z.shape[1], dtype=torch.float64, requires_grad=True)
@@ -187,7 +220,7 @@ def fit_logistic_head(features: torch.Tensor, labels: torch.Tensor, l2: float, i
 
     def closure() -> torch.Tensor:
         optimiser.zero_grad()
-        loss = nn.functional.binary_cross_entropy_with_logits(z @ w + b, target) + l2 * (w @ w)
+        loss = nn.functional.binary_cross_entropy_with_logits(z @ w + b, y) + l2 * (w @ w)
         loss.backward()
         return loss
 
