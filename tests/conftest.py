@@ -205,9 +205,13 @@ def corpus_dataset(tmp_path_factory) -> tuple[Path, list]:
 def expected_validation_points(client, run_id: str, epochs: int) -> int:
     """How many ``val/acc`` points a finished run logs: one per epoch, plus the re-validation of the best weights
     after fit unless they are the last epoch's (whose validation pass already scored them). The best epoch is the
-    first lowest ``val/loss``, as the checkpoint callback keeps it."""
+    first lowest ``val/loss``, as the checkpoint callback keeps it, unless no epoch beat the linear probe's model
+    (``probe/val/loss``, saved as the first best checkpoint): then those weights are re-validated."""
     history = sorted(client.get_metric_history(run_id, "val/loss"), key=lambda m: (m.timestamp, m.step))[:epochs]
     losses = [m.value for m in history]
+    probe = client.get_run(run_id).data.metrics.get("probe/val/loss")
+    if probe is not None and min(losses) >= probe:  # replaced only by a strictly lower loss
+        return epochs + 1
     best = losses.index(min(losses))
     return epochs if best == epochs - 1 else epochs + 1
 

@@ -126,7 +126,7 @@ class LinearProbeHead(pl.Callback):
         with torch.no_grad():
             head.weight.mul_(scale)
             head.bias.mul_(scale)
-        trainer.save_checkpoint(path)
+        trainer.save_checkpoint(path, weights_only=False)  # a full checkpoint, like the callback's own
         with torch.no_grad():
             head.weight.copy_(fitted[0])
             head.bias.copy_(fitted[1])
