@@ -149,6 +149,10 @@ TRANSFORMS = {
     "grayscale": ("grayscale_p",),
     "blur": ("blur_p", "blur_sigma"),
     "noise": ("noise_p", "noise_std"),
+    "zoom out": ("zoom_out_p", "zoom_out_scale"),
+    "gamma": ("gamma_p", "gamma"),
+    "sharpen": ("sharpen_p", "sharpen_amount"),
+    "joints": ("joints_p", "joints_width"),
 }
 
 

@@ -1,12 +1,12 @@
 """The domain-generalising transforms: a crack seen smaller (zoom out), another tone curve (gamma), in-camera
-sharpening; each does what it says on images built for it."""
+sharpening, straight joints painted across the surface; each does what it says on images built for it."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from crackclf.data.augment import BatchAugment
+from crackclf.data.augment import BatchAugment, paint_joints
 
 NO_ORIENT = {"hflip": 0, "vflip": 0, "rot90": 0}
 
@@ -53,14 +53,76 @@ def test_sharpening_raises_edge_contrast_and_keeps_flat_areas():
     assert float(out.min()) >= 0.0 and float(out.max()) <= 1.0
 
 
+def _straight_line_share(changed: torch.Tensor) -> float:
+    """The share of ``changed`` pixels (H, W bool) that lie on the straight lines a Hough vote finds: the longest
+    lines through the changed pixels (angles in 1-degree steps, offsets in 2 px bins), each kept if it runs at least
+    a quarter of the image side through changed pixels (a joint across a corner is short)."""
+    size = changed.shape[-1]
+    ys, xs = torch.nonzero(changed, as_tuple=True)
+    ys, xs = ys.float() - size / 2, xs.float() - size / 2
+    angles = torch.deg2rad(torch.arange(0.0, 180.0, 1.0))
+    offsets = (xs[:, None] * angles.cos() + ys[:, None] * angles.sin()).div(2).round().long() + size  # (pixels, angles)
+    votes = torch.zeros(len(angles), 2 * size + 1)
+    votes.scatter_add_(1, offsets.T, torch.ones(offsets.T.shape))
+    lines = votes >= size / 4
+    on_a_line = lines[torch.arange(len(angles)), offsets].any(dim=1)  # per pixel: one of its bins is a line
+    return float(on_a_line.float().mean())
+
+
+def test_joints_are_straight_lines_across_the_image_on_both_classes():
+    """The joints are long straight lines (what tells them from a crack), thin as asked, of one colour, and the
+    rest of the image (a crack included) is kept up to the cells' shading."""
+    generator = torch.Generator().manual_seed(0)
+    size = 96
+    surface = torch.full((24, 3, size, size), 0.4)
+    surface[12:, :, :, 40:43] = 0.1  # the second half: a dark vertical 'crack' 3 px wide
+    out = paint_joints(surface, width=0.05, generator=generator)
+    assert out.shape == surface.shape and out.dtype == surface.dtype and float(out.min()) >= 0 and float(out.max()) <= 1
+    assert torch.equal(surface[0], torch.full((3, size, size), 0.4))  # a new tensor: the input is not changed
+    # Off the joints a pixel is only shaded (x0.75-1.25): the joints are where a pixel moved more than that.
+    ratio = out[:, 0] / surface[:, 0]
+    joint = (ratio < 0.74) | (ratio > 1.26) | ((out[:, 0] - out[:, 1]).abs() > 0.02)
+    for sample in range(len(out)):
+        mask = joint[sample] & (surface[sample, 0] > 0.3)  # the crack's pixels never count as a joint
+        if sample >= 12:
+            mask[:, 38:45] = False
+        share = float(mask.float().mean())
+        assert share > 0.005, f"sample {sample}: no visible joint"  # darker or lighter than the surface, always
+        assert share <= 0.35, f"sample {sample}: {share:.0%} of the image is joint, not thin lines"
+        assert _straight_line_share(mask) > 0.9, f"sample {sample}: the joint pixels are not straight lines"
+    crack = out[12:, 0, :, 41]  # the crack's middle column, where no joint crosses it, stays dark
+    assert float((crack < 0.2).float().mean()) > 0.8
+
+
+def test_joints_are_reproducible_and_drawn_per_sample():
+    images = torch.rand(8, 3, 32, 32)
+    first = paint_joints(images, generator=torch.Generator().manual_seed(1))
+    again = paint_joints(images, generator=torch.Generator().manual_seed(1))
+    other = paint_joints(images, generator=torch.Generator().manual_seed(2))
+    assert torch.equal(first, again) and not torch.equal(first, other)
+    flat = paint_joints(torch.full((8, 3, 32, 32), 0.5), generator=torch.Generator().manual_seed(3))
+    assert len({tuple(sample.flatten()[::37].tolist()) for sample in flat}) == 8  # each its own joints
+
+
+def test_joints_in_the_batch_augmentation_touch_the_share_asked():
+    torch.manual_seed(0)
+    images = torch.full((400, 3, 24, 24), 128, dtype=torch.uint8)
+    out = BatchAugment(**NO_ORIENT, joints_p=0.3)(images)
+    changed = (out - 128 / 255).abs().flatten(1).amax(dim=1) > 1e-3
+    assert 0.2 < float(changed.float().mean()) < 0.4
+
+
 def test_the_new_transforms_off_change_nothing():
     images = torch.rand(4, 3, 16, 16)
-    off = BatchAugment(**NO_ORIENT, zoom_out_p=0.0, zoom_out_scale=0.7, gamma_p=0.0, gamma=0.3, sharpen_p=0.0)
+    off = BatchAugment(**NO_ORIENT, zoom_out_p=0.0, zoom_out_scale=0.7, gamma_p=0.0, gamma=0.3, sharpen_p=0.0,
+                       joints_p=0.0, joints_width=0.1)
     assert torch.equal(off(images), images)
 
 
 @pytest.mark.parametrize(("options", "message"), [({"zoom_out_scale": 0.5}, "zoom_out_scale=0.5 must be in"),
-                                                  ({"gamma": -1}, "gamma=-1"), ({"sharpen_p": 2}, "sharpen_p=2")])
+                                                  ({"gamma": -1}, "gamma=-1"), ({"sharpen_p": 2}, "sharpen_p=2"),
+                                                  ({"joints_p": -0.1}, "joints_p=-0.1"),
+                                                  ({"joints_width": 0.5}, "joints_width=0.5 must be in")])
 def test_bad_values_are_named(options, message):
     with pytest.raises(ValueError, match=message):
         BatchAugment(**options)

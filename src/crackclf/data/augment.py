@@ -41,6 +41,11 @@ class BatchAugment(nn.Module):
         blur_p, blur_sigma: probability and largest sigma (pixels) of a Gaussian blur.
         noise_p, noise_std: probability and standard deviation of additive Gaussian noise.
         grayscale_p: probability of dropping colour.
+        joints_p, joints_width: probability of painting straight joints across the sample (one family of parallel
+            lines, or a grid of two, of one random colour, the cells between them shaded apart), and their largest
+            width as a fraction of the side: the tile grout, mortar, formwork and slab joints that other surfaces
+            have and this data set does not. Painted on both classes, so a straight joint says nothing about the
+            label and a crack beside one is still a crack (:func:`paint_joints`).
     """
 
     def __init__(
@@ -66,17 +71,23 @@ class BatchAugment(nn.Module):
         gamma: float = 0.0,
         sharpen_p: float = 0.0,
         sharpen_amount: float = 1.0,
+        joints_p: float = 0.0,
+        joints_width: float = 0.05,
     ) -> None:
         super().__init__()
         for name, value in (("hflip", hflip), ("vflip", vflip), ("rot90", rot90), ("jitter_p", jitter_p),
                             ("crop_p", crop_p), ("blur_p", blur_p), ("noise_p", noise_p), ("grayscale_p", grayscale_p),
-                            ("zoom_out_p", zoom_out_p), ("gamma_p", gamma_p), ("sharpen_p", sharpen_p)):
+                            ("zoom_out_p", zoom_out_p), ("gamma_p", gamma_p), ("sharpen_p", sharpen_p),
+                            ("joints_p", joints_p)):
             if not 0.0 <= value <= 1.0:
                 raise UsageError(f"augmentation.{name}={value} must be a probability in [0, 1]")
         if not 0.0 < crop_scale <= 1.0:
             raise UsageError(f"augmentation.crop_scale={crop_scale} must be in (0, 1]")
         if not 0.5 < zoom_out_scale <= 1.0:  # the mirrored margin must stay narrower than the image itself
             raise UsageError(f"augmentation.zoom_out_scale={zoom_out_scale} must be in (0.5, 1] (1 disables it)")
+        if not 0.0 < joints_width <= 0.25:
+            raise UsageError(f"augmentation.joints_width={joints_width} must be in (0, 0.25]: the widest joint as a "
+                             "fraction of the image side (e.g. 0.05)")
         if gamma < 0 or sharpen_amount < 0:
             raise UsageError(f"augmentation.gamma={gamma} and augmentation.sharpen_amount={sharpen_amount} must be "
                              ">= 0")
@@ -87,12 +98,13 @@ class BatchAugment(nn.Module):
         self.grayscale_p = grayscale_p
         self.zoom_out_p, self.zoom_out_scale = zoom_out_p, zoom_out_scale
         self.gamma_p, self.gamma, self.sharpen_p, self.sharpen_amount = gamma_p, gamma, sharpen_p, sharpen_amount
+        self.joints_p, self.joints_width = joints_p, joints_width
 
     @property
     def active(self) -> bool:
         return any((self.hflip, self.vflip, self.rot90, self.jitter_p, self.crop_p and self.crop_scale < 1.0,
                     self.blur_p, self.noise_p, self.grayscale_p, self.zoom_out_p and self.zoom_out_scale < 1.0,
-                    self.gamma_p and self.gamma, self.sharpen_p and self.sharpen_amount))
+                    self.gamma_p and self.gamma, self.sharpen_p and self.sharpen_amount, self.joints_p))
 
     @torch.no_grad()
     def forward(self, images: torch.Tensor) -> torch.Tensor:
@@ -110,6 +122,8 @@ class BatchAugment(nn.Module):
             self._resized_crop(images)
         if self.zoom_out_p > 0 and self.zoom_out_scale < 1.0:
             self._zoom_out(images)
+        if self.joints_p > 0:  # before the colour transforms: the camera sees the joint with the surface
+            self._apply(images, self.joints_p, lambda x: paint_joints(x, self.joints_width))
         if self.jitter_p > 0:
             self._jitter(images)
         if self.gamma_p > 0 and self.gamma > 0:
@@ -263,6 +277,55 @@ class BatchAugment(nn.Module):
         # sampling_ratio 0: as many samples per output pixel as the box is larger (an average, no aliasing)
         shrunk = roi_align(padded, boxes, (height, width), spatial_scale=1.0, sampling_ratio=0, aligned=True)
         images.index_copy_(0, chosen, shrunk)
+
+
+def paint_joints(images: torch.Tensor, width: float = 0.05, generator: torch.Generator | None = None) -> torch.Tensor:
+    """``images`` (B, 3, H, W, float in [0, 1]) with straight joints painted across each: a new tensor.
+
+    Per sample: one family of parallel lines at a random angle, spaced 0.3-1 of the side apart (one to three
+    lines in view), and with probability 1/2 a second family at right angles (a grid of tiles, bricks or panels);
+    widths from 1 px to ``width`` of the side, anti-aliased; one colour per sample, darker (a gap, dark grout) or
+    lighter (white grout, mortar) than the sample's mean grey; the cells between the lines shaded apart by up to
+    ±25 % (neighbouring tiles or planks differ). ``generator``: for reproducible draws (tests, benchmarks).
+    """
+    count, _, height, width_px = images.shape
+    device = images.device
+
+    def uniform(*shape: int) -> torch.Tensor:  # a few numbers a sample: drawn on the CPU, wherever the images are
+        return torch.rand(*shape, generator=generator).to(device)
+
+    ys = torch.arange(height, device=device, dtype=torch.float32) + 0.5 - height / 2
+    xs = torch.arange(width_px, device=device, dtype=torch.float32) + 0.5 - width_px / 2
+    yy, xx = torch.meshgrid(ys, xs, indexing="ij")
+    side = float(min(height, width_px))
+    line_width = 1.0 + uniform(count) * max(width * side - 1.0, 0.0)
+    angle = uniform(count) * math.pi
+    grid = uniform(count) < 0.5
+    mask = torch.zeros(count, height, width_px, device=device)
+    cell = torch.zeros(count, height, width_px, device=device)
+    for family in range(2):
+        theta = angle + family * math.pi / 2
+        period = (side * (0.3 + 0.7 * uniform(count)))[:, None, None]  # at most the side: a line always in view
+        phase = uniform(count)[:, None, None] * period
+        along = xx * theta.cos()[:, None, None] + yy * theta.sin()[:, None, None] - phase  # signed offset
+        distance = (torch.remainder(along + period / 2, period) - period / 2).abs()  # to the nearest line
+        line = (line_width[:, None, None] / 2 + 0.5 - distance).clamp_(0.0, 1.0)
+        index = torch.floor(along / period)
+        if family == 1:
+            line, index = line * grid[:, None, None], index * grid[:, None, None]
+        mask = torch.maximum(mask, line)
+        cell += index
+    odd = torch.remainder(cell, 2)[:, None]  # a chequerboard of cells
+    shade = 1.0 + (uniform(count) * 2 - 1) * 0.25
+    shaded = images * (1.0 + odd * (shade[:, None, None, None] - 1.0))
+    # Darker than the surface (a gap, dark grout: the look of a crack) or lighter (white grout, mortar), never
+    # the surface's own grey, with a slight tint.
+    grey = images.mean(dim=(1, 2, 3))
+    dark = uniform(count) < 0.6
+    level = torch.where(dark, grey * (0.1 + 0.5 * uniform(count)), grey + (1.0 - grey) * (0.4 + 0.6 * uniform(count)))
+    colour = (level[:, None] + (uniform(count, 3) - 0.5) * 0.1).clamp_(0.0, 1.0)[:, :, None, None]
+    alpha = (0.7 + 0.3 * uniform(count))[:, None, None, None] * mask[:, None]  # mostly opaque
+    return (shaded * (1.0 - alpha) + alpha * colour).clamp_(0.0, 1.0).to(images.dtype)
 
 
 def _gaussian_blur(images: torch.Tensor, sigma: float) -> torch.Tensor:
