@@ -5,11 +5,11 @@
 
 The linear probe of the default recipe (``crackclf.training.probe.fit_logistic_head`` on the frozen
 tf_efficientnet_lite0's features at 96 px, as the ``linear_probe`` callback fits it) on ``--images`` random images of
-the data set, each seen once: clean, through the recipe's ``camera`` augmentation, and through ``camera`` with
-``joints_p`` (``crackclf.data.augment.paint_joints``). Each head is scored on held-out images of the data set, on
-the same images with joints painted on (does a joint turn a surface into a crack?), and on every labelled folder of
-``--surfaces`` (balanced accuracy at 0.5, AUROC). Forward passes only: a diagnosis in a few minutes, not the recipe
-(``make bench-recipe`` then ``make bench-transfer`` measure that).
+the data set, each seen once: clean, and through the recipe's ``camera`` augmentation with no joints, with its own
+``joints_p`` and with ``--joints-p`` (``crackclf.data.augment.paint_joints``). Each head is scored on held-out images
+of the data set, on the same images with joints painted on (does a joint turn a surface into a crack?), and on every
+labelled folder of ``--surfaces`` (balanced accuracy at 0.5, AUROC). Forward passes only: a diagnosis in a few
+minutes, not the recipe (``make bench-recipe`` then ``make bench-transfer`` measure that).
 """
 
 from __future__ import annotations
@@ -58,9 +58,9 @@ def main() -> None:
         return features(net, batch, [], False)
 
     camera = OmegaConf.load(REPO / "conf" / "augmentation" / "camera.yaml")
-    arms = {"clean": images[train],
-            "camera": instantiate(camera)(images[train]),
-            f"camera + joints_p={args.joints_p}": instantiate(camera, joints_p=args.joints_p)(images[train])}
+    arms = {"clean": images[train]}
+    for joints_p in sorted({0.0, float(camera.joints_p), args.joints_p}):
+        arms[f"camera, joints_p={joints_p:g}"] = instantiate(camera, joints_p=joints_p)(images[train])
     clean_held = images[held].float() / 255
     sets = {"held out": (embed(clean_held), labels[held]),
             "held out + joints": (embed(paint_joints(clean_held, generator=torch.Generator().manual_seed(args.seed))),
