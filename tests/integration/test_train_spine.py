@@ -123,23 +123,28 @@ def test_bad_backbone_fails_fast_without_traceback(tmp_path, mlflow_uri, cache_d
 
 
 @pytest.mark.slow
-def test_fine_tuning_that_loses_to_the_probe_ships_the_probed_model(tmp_path, mlflow_uri, cache_dir):
+@pytest.mark.parametrize(("monitor", "mode"), [("val/loss", "min"), ("val/acc", "max")])
+def test_fine_tuning_that_loses_to_the_probe_ships_the_probed_model(tmp_path, mlflow_uri, cache_dir, monitor, mode):
     # A rate that wrecks the network in its first steps: the fine-tuned epoch scores worse on validation than the
     # linear probe's model, which was saved as the first best checkpoint; that model is what gets thresholded,
-    # tested and bundled (callbacks.linear_probe.checkpoint, on by default).
+    # tested and bundled (callbacks.linear_probe.checkpoint, on by default), whichever of its two metrics the
+    # checkpoint monitors.
     from tests.conftest import write_dataset
 
     data = write_dataset(tmp_path / "data", per_class=48, size=96, seed=7)
     result = run_train(f"data.root={data}", "trainer.max_epochs=1", "optimizer.lr=0.5", "data.progress=false",
+                       f"callbacks.model_checkpoint.monitor={monitor}", f"callbacks.model_checkpoint.mode={mode}",
                        f"hydra.run.dir={tmp_path / 'run'}", timeout=300)
     output = result.stdout + result.stderr
     assert result.returncode == 0, output[-4000:]
     assert "linear probe: the probed model (logits x " in output
+    assert f"fine-tuning replaces it only with better {monitor}" in output
     client, run = only_run(mlflow_uri)
     metrics = run.data.metrics
-    history = client.get_metric_history(run.info.run_id, "val/loss")
-    epoch_loss = sorted(history, key=lambda m: m.timestamp)[0].value  # the fit's epoch (then the final pass)
-    assert epoch_loss > metrics["probe/val/loss"]  # the fine-tuned epoch lost to the probe
+    history = client.get_metric_history(run.info.run_id, monitor)
+    epoch_score = sorted(history, key=lambda m: m.timestamp)[0].value  # the fit's epoch (then the final pass)
+    lost = epoch_score > metrics[f"probe/{monitor}"] if mode == "min" else epoch_score < metrics[f"probe/{monitor}"]
+    assert lost, (epoch_score, metrics[f"probe/{monitor}"])  # the fine-tuned epoch lost to the probe
     import torch
 
     saved = torch.load(tmp_path / "run" / "checkpoints" / "best.ckpt", map_location="cpu", weights_only=False)
