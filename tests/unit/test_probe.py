@@ -86,34 +86,41 @@ class _Images:
         self.images, self.labels = images, labels
         self.train_rows_count = len(labels)
         self.asked: int | None = None
+        self.augmented: set[bool] = set()  # what model_input was asked for
 
     def train_sample_dataloader(self, size: int):
         self.asked = size
         return [(self.images[i:i + 16], self.labels[i:i + 16]) for i in range(0, size, 16)]
 
-    @staticmethod
-    def model_input(images: torch.Tensor, augment: bool) -> torch.Tensor:
-        assert not augment
-        return images.float() / 255
+    def model_input(self, images: torch.Tensor, augment: bool) -> torch.Tensor:
+        self.augmented.add(augment)
+        return images.float().transpose(-1, -2) / 255 if augment else images.float() / 255  # 'augmentation': rot90
 
 
-def test_the_callback_sets_the_head_from_the_networks_features_once():
+def _model_and_images() -> tuple[CrackClassifier, torch.Tensor, torch.Tensor, _Images, SimpleNamespace]:
+    """A small network said to be pretrained, 64 generated images (the crack class: a bright horizontal band) and
+    the trainer surface the probe reads."""
     torch.manual_seed(0)
     model = CrackClassifier(functools.partial(create_backbone, "lcnet_050", pretrained=False),
                             optimizer=functools.partial(torch.optim.AdamW, lr=1e-3), image_size=32,
                             class_names=("no_crack", "crack"), label_smoothing=0.0, max_gap=0.003,
                             channels_last=False)
+    model.pretrained_status = "local:weights.pth"  # the probe is for pretrained features (scratch: below)
     labels = torch.arange(64) % 2
     images = torch.randint(0, 120, (64, 3, 32, 32), dtype=torch.uint8)
-    images[labels == 1, :, 12:20, :] = 255  # a bright band: the crack class
+    images[labels == 1, :, 12:20, :] = 255
     data = _Images(images, labels)
     trainer = SimpleNamespace(global_step=0, current_epoch=0, world_size=1, datamodule=data, logger=None)
-    model.pretrained_status = "local:weights.pth"  # the probe is for pretrained features (scratch: below)
+    return model, images, labels, data, trainer
+
+
+def test_the_callback_sets_the_head_from_the_networks_features_once():
+    model, images, labels, data, trainer = _model_and_images()
     model.net.train()
     before = model.net.backbone.get_classifier().weight.detach().clone()
     probe = LinearProbeHead(images=48, l2=1e-3)
     probe.on_train_start(trainer, model)
-    assert data.asked == 48
+    assert data.asked == 48 and data.augmented == {False}  # unaugmented images by default
     assert model.net.training  # put back in training mode
     with torch.no_grad():
         predicted = model.net.eval()(images.float() / 255).argmax(1)
@@ -141,3 +148,15 @@ def test_the_callback_sets_the_head_from_the_networks_features_once():
     scratch = LinearProbeHead(images=48, l2=1e-3)
     scratch.on_train_start(trainer, model)
     assert scratch.train_accuracy is None and not model.net.backbone.get_classifier().weight.any()
+
+
+def test_the_probe_can_fit_on_augmented_images():
+    # callbacks.linear_probe.augment=true: the head is fitted on the images as the training augmentation shows them
+    # (here a transpose, which turns the crack class's horizontal band vertical), so it recognises those.
+    model, images, labels, data, trainer = _model_and_images()
+    probe = LinearProbeHead(images=48, l2=1e-3, augment=True)
+    probe.on_train_start(trainer, model)
+    assert data.augmented == {True} and probe.train_accuracy > 0.9
+    with torch.no_grad():
+        on_augmented = model.net.eval()(images.float().transpose(-1, -2) / 255).argmax(1)
+    assert (on_augmented == labels).float().mean() > 0.9

@@ -32,7 +32,7 @@ __all__ = ["LinearProbeHead", "fit_logistic_head", "smoothed_loss_scale"]
 
 class LinearProbeHead(pl.Callback):
     """Before the first training step, set the classifier head to a logistic regression fitted on the network's
-    features (the input of its classifier) of ``images`` unaugmented training images.
+    features (the input of its classifier) of ``images`` training images (unaugmented unless ``augment``).
 
     Skipped on a resumed run, on a backbone without pretrained weights (a random network's features mean
     nothing), on a run started from a trained model (``init_from``: its head is kept, unless ``keep_trained_head``
@@ -48,15 +48,20 @@ class LinearProbeHead(pl.Callback):
         checkpoint: score the probed model on the validation split and save it as the first best checkpoint of the
             run's ``ModelCheckpoint`` (monitor ``val/loss`` or ``val/acc``): fine-tuned weights are kept only when
             they score better. Costs one pass over the validation images before the first step.
+        augment: fit the head on the features of the images through the run's training augmentation (each seen
+            once) instead of unaugmented: the probed model then sees what training shows, e.g. painted joints.
+            Off by default: it cost accuracy on the data set's test split and gained nothing on other surfaces
+            (docs/transfer.md, "Straight joints").
     """
 
-    def __init__(self, images: int, l2: float, keep_trained_head: bool = True, checkpoint: bool = False) -> None:
+    def __init__(self, images: int, l2: float, keep_trained_head: bool = True, checkpoint: bool = False,
+                 augment: bool = False) -> None:
         if images < 0:
             raise UsageError(f"callbacks.linear_probe.images={images} must be >= 0 (0 switches the probe off).")
         if l2 <= 0:
             raise UsageError(f"callbacks.linear_probe.l2={l2} must be > 0: the head's L2 penalty, e.g. 1e-3.")
         self.images, self.l2, self.keep_trained_head = int(images), float(l2), bool(keep_trained_head)
-        self.checkpoint = bool(checkpoint)
+        self.checkpoint, self.augment = bool(checkpoint), bool(augment)
         self.train_accuracy: float | None = None
         self.val_scores: dict[str, float] | None = None  # the probed model's val/loss and val/acc (checkpoint)
 
@@ -75,7 +80,7 @@ class LinearProbeHead(pl.Callback):
         datamodule = trainer.datamodule
         count = min(self.images, datamodule.train_rows_count)
         count -= count % world  # an equal share per rank: the gather needs equal shapes
-        features, labels = _features(pl_module, datamodule, datamodule.train_sample_dataloader(count))
+        features, labels = _features(pl_module, datamodule, datamodule.train_sample_dataloader(count), self.augment)
         features, labels = _gathered(trainer, features, labels)
         head = pl_module.net.backbone.get_classifier()
         weight, bias = fit_logistic_head(features, labels, self.l2)
@@ -176,8 +181,10 @@ def _gathered(trainer: pl.Trainer, features: torch.Tensor, labels: torch.Tensor)
     return features.view(-1, width), labels
 
 
-def _features(pl_module: pl.LightningModule, datamodule, loader) -> tuple[torch.Tensor, torch.Tensor]:
-    """The classifier's input (pre-logits) of every image of ``loader``, the network in eval mode."""
+def _features(pl_module: pl.LightningModule, datamodule, loader,
+              augment: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """The classifier's input (pre-logits) of every image of ``loader`` (through the training augmentation when
+    ``augment``), the network in eval mode."""
     net = pl_module.net
     head = net.backbone.get_classifier()
     if not isinstance(head, nn.Linear):
@@ -189,7 +196,7 @@ def _features(pl_module: pl.LightningModule, datamodule, loader) -> tuple[torch.
     try:
         with torch.inference_mode():
             for images, batch_labels in loader:
-                images = datamodule.model_input(images.to(pl_module.device), augment=False)
+                images = datamodule.model_input(images.to(pl_module.device), augment=augment)
                 outputs.append(pl_module.features(images).float())
                 labels.append(batch_labels.to(pl_module.device))
     finally:
