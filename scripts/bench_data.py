@@ -153,6 +153,8 @@ TRANSFORMS = {
     "gamma": ("gamma_p", "gamma"),
     "sharpen": ("sharpen_p", "sharpen_amount"),
     "joints": ("joints_p", "joints_width"),
+    "texture": ("texture_p", "texture_strength"),
+    "jpeg": ("jpeg_p", "jpeg_quality"),
 }
 
 

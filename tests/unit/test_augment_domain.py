@@ -1,12 +1,13 @@
 """The domain-generalising transforms: a crack seen smaller (zoom out), another tone curve (gamma), in-camera
-sharpening, straight joints painted across the surface; each does what it says on images built for it."""
+sharpening, straight joints painted across the surface, a surface texture, JPEG re-compression; each does what it
+says on images built for it."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from crackclf.data.augment import BatchAugment, paint_joints
+from crackclf.data.augment import BatchAugment, paint_joints, paint_texture, recompress_jpeg
 
 NO_ORIENT = {"hflip": 0, "vflip": 0, "rot90": 0}
 
@@ -112,17 +113,59 @@ def test_joints_in_the_batch_augmentation_touch_the_share_asked():
     assert 0.2 < float(changed.float().mean()) < 0.4
 
 
+def test_texture_varies_the_surface_within_its_strength_and_keeps_a_crack_darker():
+    images = _line_images(count=32, size=48, width=4)
+    out = paint_texture(images, strength=0.2, generator=torch.Generator().manual_seed(0))
+    surface, crack = out[..., :, :20], out[..., :, 22:26]
+    assert float(surface.std(dim=(1, 2, 3)).max()) > 0.02  # a visible texture on some samples at least
+    # Each pixel scaled by 1 + a * t with |t| <= 1, a <= 0.2: the surface stays within 0.8 ± 20 %, the crack darker.
+    assert float(surface.min()) >= 0.64 - 1e-5 and float(surface.max()) <= 0.96 + 1e-5
+    assert float(crack.max()) < float(surface.min())
+    # Grey: the same relative change in every channel of a grey image.
+    assert torch.allclose(out[:, 0], out[:, 1]) and torch.allclose(out[:, 1], out[:, 2])
+    again = paint_texture(images, strength=0.2, generator=torch.Generator().manual_seed(0))
+    other = paint_texture(images, strength=0.2, generator=torch.Generator().manual_seed(1))
+    assert torch.equal(out, again) and not torch.equal(out, other)
+    assert len({tuple(sample[0, ::7, ::7].flatten().tolist()) for sample in out}) == 32  # each its own texture
+
+
+def test_jpeg_recompression_loses_more_at_lower_quality():
+    torch.manual_seed(0)
+    images = _line_images(count=16, size=48, width=3) + torch.rand(16, 3, 48, 48) * 0.1  # a crack on a grainy surface
+    low = recompress_jpeg(images, 5, generator=torch.Generator().manual_seed(0))
+    high = recompress_jpeg(images, 90, generator=torch.Generator().manual_seed(0))
+    assert low.shape == images.shape and low.dtype == images.dtype
+    assert float(low.min()) >= 0.0 and float(low.max()) <= 1.0
+    error_low, error_high = (low - images).abs().mean(), (high - images).abs().mean()
+    assert 0 < error_high < error_low < 0.1  # changed, more at quality 5-95 than at 90-95, and still the picture
+    assert float(high[..., 23:25].mean()) < 0.3  # the crack survives compression
+
+
+@pytest.mark.parametrize("option", ["texture_p", "jpeg_p"])
+def test_texture_and_jpeg_touch_the_share_asked(option):
+    torch.manual_seed(0)
+    images = (torch.rand(300, 3, 24, 24) * 255).to(torch.uint8)
+    out = BatchAugment(**NO_ORIENT, **{option: 0.3})(images)
+    changed = (out - images.float() / 255).abs().flatten(1).amax(dim=1) > 1e-3
+    assert 0.2 < float(changed.float().mean()) < 0.4
+
+
 def test_the_new_transforms_off_change_nothing():
     images = torch.rand(4, 3, 16, 16)
     off = BatchAugment(**NO_ORIENT, zoom_out_p=0.0, zoom_out_scale=0.7, gamma_p=0.0, gamma=0.3, sharpen_p=0.0,
-                       joints_p=0.0, joints_width=0.1)
+                       joints_p=0.0, joints_width=0.1, texture_p=0.0, texture_strength=0.5, jpeg_p=0.0,
+                       jpeg_quality=20)
     assert torch.equal(off(images), images)
 
 
 @pytest.mark.parametrize(("options", "message"), [({"zoom_out_scale": 0.5}, "zoom_out_scale=0.5 must be in"),
                                                   ({"gamma": -1}, "gamma=-1"), ({"sharpen_p": 2}, "sharpen_p=2"),
                                                   ({"joints_p": -0.1}, "joints_p=-0.1"),
-                                                  ({"joints_width": 0.5}, "joints_width=0.5 must be in")])
+                                                  ({"joints_width": 0.5}, "joints_width=0.5 must be in"),
+                                                  ({"texture_p": 2}, "texture_p=2"),
+                                                  ({"texture_strength": 0}, "texture_strength=0 must be in"),
+                                                  ({"jpeg_p": -1}, "jpeg_p=-1"),
+                                                  ({"jpeg_quality": 0}, "jpeg_quality=0 must be a JPEG quality")])
 def test_bad_values_are_named(options, message):
     with pytest.raises(ValueError, match=message):
         BatchAugment(**options)

@@ -17,6 +17,7 @@ import math
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torchvision.io import decode_jpeg, encode_jpeg
 from torchvision.ops import roi_align
 
 from crackclf.errors import UsageError
@@ -46,6 +47,11 @@ class BatchAugment(nn.Module):
             width as a fraction of the side: the tile grout, mortar, formwork and slab joints that other surfaces
             have and this data set does not. Painted on both classes, so a straight joint says nothing about the
             label and a crack beside one is still a crack (:func:`paint_joints`).
+        texture_p, texture_strength: probability of laying a random surface texture over the sample (grain and
+            mottling, smooth or blotchy, as asphalt, brick, render and weathered concrete have), and its largest
+            relative amplitude (:func:`paint_texture`). On both classes, like the joints.
+        jpeg_p, jpeg_quality: probability of re-compressing the sample as a JPEG, at a quality drawn in
+            [``jpeg_quality``, 95] (another camera's or a messaging app's compression: blocking and ringing).
     """
 
     def __init__(
@@ -73,12 +79,16 @@ class BatchAugment(nn.Module):
         sharpen_amount: float = 1.0,
         joints_p: float = 0.0,
         joints_width: float = 0.05,
+        texture_p: float = 0.0,
+        texture_strength: float = 0.2,
+        jpeg_p: float = 0.0,
+        jpeg_quality: int = 40,
     ) -> None:
         super().__init__()
         for name, value in (("hflip", hflip), ("vflip", vflip), ("rot90", rot90), ("jitter_p", jitter_p),
                             ("crop_p", crop_p), ("blur_p", blur_p), ("noise_p", noise_p), ("grayscale_p", grayscale_p),
                             ("zoom_out_p", zoom_out_p), ("gamma_p", gamma_p), ("sharpen_p", sharpen_p),
-                            ("joints_p", joints_p)):
+                            ("joints_p", joints_p), ("texture_p", texture_p), ("jpeg_p", jpeg_p)):
             if not 0.0 <= value <= 1.0:
                 raise UsageError(f"augmentation.{name}={value} must be a probability in [0, 1]")
         if not 0.0 < crop_scale <= 1.0:
@@ -88,6 +98,12 @@ class BatchAugment(nn.Module):
         if not 0.0 < joints_width <= 0.25:
             raise UsageError(f"augmentation.joints_width={joints_width} must be in (0, 0.25]: the widest joint as a "
                              "fraction of the image side (e.g. 0.05)")
+        if not 0.0 < texture_strength <= 1.0:
+            raise UsageError(f"augmentation.texture_strength={texture_strength} must be in (0, 1]: the texture's "
+                             "largest relative amplitude (e.g. 0.2)")
+        if not 1 <= jpeg_quality <= 95:
+            raise UsageError(f"augmentation.jpeg_quality={jpeg_quality} must be a JPEG quality in [1, 95] (the lowest "
+                             "drawn; e.g. 40)")
         if gamma < 0 or sharpen_amount < 0:
             raise UsageError(f"augmentation.gamma={gamma} and augmentation.sharpen_amount={sharpen_amount} must be "
                              ">= 0")
@@ -99,12 +115,15 @@ class BatchAugment(nn.Module):
         self.zoom_out_p, self.zoom_out_scale = zoom_out_p, zoom_out_scale
         self.gamma_p, self.gamma, self.sharpen_p, self.sharpen_amount = gamma_p, gamma, sharpen_p, sharpen_amount
         self.joints_p, self.joints_width = joints_p, joints_width
+        self.texture_p, self.texture_strength, self.jpeg_p, self.jpeg_quality = (texture_p, texture_strength,
+                                                                                  jpeg_p, int(jpeg_quality))
 
     @property
     def active(self) -> bool:
         return any((self.hflip, self.vflip, self.rot90, self.jitter_p, self.crop_p and self.crop_scale < 1.0,
                     self.blur_p, self.noise_p, self.grayscale_p, self.zoom_out_p and self.zoom_out_scale < 1.0,
-                    self.gamma_p and self.gamma, self.sharpen_p and self.sharpen_amount, self.joints_p))
+                    self.gamma_p and self.gamma, self.sharpen_p and self.sharpen_amount, self.joints_p,
+                    self.texture_p, self.jpeg_p))
 
     @torch.no_grad()
     def forward(self, images: torch.Tensor) -> torch.Tensor:
@@ -124,6 +143,8 @@ class BatchAugment(nn.Module):
             self._zoom_out(images)
         if self.joints_p > 0:  # before the colour transforms: the camera sees the joint with the surface
             self._apply(images, self.joints_p, lambda x: paint_joints(x, self.joints_width))
+        if self.texture_p > 0:  # the surface's own texture, also seen through the camera's colour and tone
+            self._apply(images, self.texture_p, lambda x: paint_texture(x, self.texture_strength))
         if self.jitter_p > 0:
             self._jitter(images)
         if self.gamma_p > 0 and self.gamma > 0:
@@ -136,6 +157,8 @@ class BatchAugment(nn.Module):
             self._sharpen(images)
         if self.noise_p > 0:
             self._apply(images, self.noise_p, lambda x: (x + torch.randn_like(x) * self.noise_std).clamp_(0.0, 1.0))
+        if self.jpeg_p > 0:  # last, as in a camera: compression comes after the sensor's noise and sharpening
+            self._apply(images, self.jpeg_p, lambda x: recompress_jpeg(x, self.jpeg_quality))
         return images
 
     # ------------------------------------------------------------------------------------------------ transforms
@@ -326,6 +349,48 @@ def paint_joints(images: torch.Tensor, width: float = 0.05, generator: torch.Gen
     colour = (level[:, None] + (uniform(count, 3) - 0.5) * 0.1).clamp_(0.0, 1.0)[:, :, None, None]
     alpha = (0.7 + 0.3 * uniform(count))[:, None, None, None] * mask[:, None]  # mostly opaque
     return (shaded * (1.0 - alpha) + alpha * colour).clamp_(0.0, 1.0).to(images.dtype)
+
+
+def paint_texture(images: torch.Tensor, strength: float = 0.2,
+                  generator: torch.Generator | None = None) -> torch.Tensor:
+    """``images`` (B, 3, H, W, float in [0, 1]) with a random surface texture laid over each: a new tensor.
+
+    The texture is grey, zero-mean noise at two grain sizes, a fine grain (1-3 px) and a coarse mottle (4-16 px; one
+    pair of sizes per call), mixed per sample and passed through ``tanh`` at a per-sample steepness: smooth
+    (render, weathered concrete) to blotchy (aggregate in asphalt, brick's grain). It scales each pixel by
+    ``1 + a * texture`` (``|texture| < 1``) with ``a`` drawn in [0, ``strength``] per sample, so a dark crack stays
+    darker than the surface around it. ``generator``: for reproducible draws (tests, benchmarks).
+    """
+    count, _, height, width = images.shape
+    device = images.device
+
+    def uniform(*shape: int) -> torch.Tensor:
+        return torch.rand(*shape, generator=generator).to(device)
+
+    def noise_field(grain: float) -> torch.Tensor:
+        """Unit-variance noise with features ``grain`` pixels across: drawn coarse, interpolated to the image."""
+        coarse = torch.randn(count, 1, max(2, round(height / grain)), max(2, round(width / grain)),
+                             generator=generator).to(device)
+        field = F.interpolate(coarse, size=(height, width), mode="bilinear", align_corners=False)
+        return field / field.std(dim=(2, 3), keepdim=True).clamp_min(1e-6)
+
+    fine, mottle = noise_field(1.0 + 2.0 * float(uniform(1))), noise_field(4.0 + 12.0 * float(uniform(1)))
+    mix = uniform(count)[:, None, None, None]
+    steepness = (0.7 + 1.3 * uniform(count))[:, None, None, None]
+    texture = torch.tanh(steepness * (mix * fine + (1.0 - mix) * mottle))  # in (-1, 1)
+    amplitude = (strength * uniform(count))[:, None, None, None]
+    return (images * (1.0 + amplitude * texture)).clamp_(0.0, 1.0).to(images.dtype)
+
+
+def recompress_jpeg(images: torch.Tensor, lowest_quality: int = 40,
+                    generator: torch.Generator | None = None) -> torch.Tensor:
+    """``images`` (B, 3, H, W, float in [0, 1]) encoded as JPEGs and decoded again, each at a quality drawn in
+    [``lowest_quality``, 95]: a new tensor (on the images' device; the codec runs on the CPU)."""
+    qualities = torch.randint(lowest_quality, 96, (images.shape[0],), generator=generator).tolist()
+    pixels = images.detach().mul(255.0).round_().clamp_(0, 255).to(torch.uint8).cpu()
+    decoded = [decode_jpeg(encode_jpeg(image, quality=quality))
+               for image, quality in zip(pixels, qualities, strict=True)]
+    return torch.stack(decoded).to(images.device, images.dtype).div_(255.0)
 
 
 def _gaussian_blur(images: torch.Tensor, sigma: float) -> torch.Tensor:
