@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from crackclf.data.augment import BatchAugment, paint_joints, paint_texture, recompress_jpeg
+from crackclf.data.augment import BatchAugment, joint_lines, paint_joints, paint_texture, recompress_jpeg
 
 NO_ORIENT = {"hflip": 0, "vflip": 0, "rot90": 0}
 
@@ -105,6 +105,37 @@ def test_joints_are_reproducible_and_drawn_per_sample():
     assert len({tuple(sample.flatten()[::37].tolist()) for sample in flat}) == 8  # each its own joints
 
 
+def test_running_bond_offsets_the_cross_joints_of_every_other_course():
+    """Angle 0: the first family is vertical lines 32 px apart (the courses, as columns), the second horizontal
+    lines 24 px apart. Stacked (a grid), a horizontal joint crosses every course at the same rows; in running bond
+    the next course has its joints half a spacing (12 px) further along."""
+    size, count = 96, 2
+    args = dict(angle=torch.zeros(count), spacing=[torch.full((count,), 32.0), torch.full((count,), 24.0)],
+                phase=[torch.zeros(count), torch.zeros(count)], line_width=torch.full((count,), 2.0),
+                grid=torch.ones(count, dtype=torch.bool))
+    mask, _ = joint_lines(size, size, bond=torch.tensor([False, True]), **args)
+    assert float(mask.amin()) >= 0 and float(mask.amax()) <= 1
+
+    def joint_rows(sample: int, column: int) -> list[int]:
+        return torch.nonzero(mask[sample, :, column] > 0.5).flatten().tolist()
+
+    # Columns 8 and 40 lie in neighbouring courses (the vertical joints are at x = 48 ± 32 k px).
+    assert joint_rows(0, 8) == joint_rows(0, 40)
+    stacked, bond_a, bond_b = joint_rows(0, 8), joint_rows(1, 8), joint_rows(1, 40)
+    assert bond_a != bond_b and {(row + 12) % 24 for row in bond_a} == {row % 24 for row in bond_b}
+    assert stacked and len(bond_a) >= len(stacked) - 2  # the same joints, moved, not removed
+    # The vertical joints (the courses' edges) are the same either way.
+    assert torch.equal(mask[0, 4] > 0.5, mask[1, 4] > 0.5)
+
+
+def test_staggered_joints_off_keep_the_default_draws():
+    images = torch.rand(16, 3, 32, 32)
+    plain = paint_joints(images, generator=torch.Generator().manual_seed(4))
+    assert torch.equal(plain, paint_joints(images, staggered=0.0, generator=torch.Generator().manual_seed(4)))
+    bonded = paint_joints(images, staggered=1.0, generator=torch.Generator().manual_seed(4))
+    assert bonded.shape == images.shape and float(bonded.min()) >= 0 and float(bonded.max()) <= 1
+
+
 def test_joints_in_the_batch_augmentation_touch_the_share_asked():
     torch.manual_seed(0)
     images = torch.full((400, 3, 24, 24), 128, dtype=torch.uint8)
@@ -162,6 +193,7 @@ def test_the_new_transforms_off_change_nothing():
                                                   ({"gamma": -1}, "gamma=-1"), ({"sharpen_p": 2}, "sharpen_p=2"),
                                                   ({"joints_p": -0.1}, "joints_p=-0.1"),
                                                   ({"joints_width": 0.5}, "joints_width=0.5 must be in"),
+                                                  ({"joints_staggered": 1.5}, "joints_staggered=1.5"),
                                                   ({"texture_p": 2}, "texture_p=2"),
                                                   ({"texture_strength": 0}, "texture_strength=0 must be in"),
                                                   ({"jpeg_p": -1}, "jpeg_p=-1"),

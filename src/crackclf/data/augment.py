@@ -46,7 +46,8 @@ class BatchAugment(nn.Module):
             lines, or a grid of two, of one random colour, the cells between them shaded apart), and their largest
             width as a fraction of the side: the tile grout, mortar, formwork and slab joints that other surfaces
             have and this data set does not. Painted on both classes, so a straight joint says nothing about the
-            label and a crack beside one is still a crack (:func:`paint_joints`).
+            label and a crack beside one is still a crack (:func:`paint_joints`). ``joints_staggered``: the share of
+            grids laid in running bond (brick and block walls).
         texture_p, texture_strength: probability of laying a random surface texture over the sample (grain and
             mottling, smooth or blotchy, as asphalt, brick, render and weathered concrete have), and its largest
             relative amplitude (:func:`paint_texture`). On both classes, like the joints.
@@ -79,6 +80,7 @@ class BatchAugment(nn.Module):
         sharpen_amount: float = 1.0,
         joints_p: float = 0.0,
         joints_width: float = 0.05,
+        joints_staggered: float = 0.0,
         texture_p: float = 0.0,
         texture_strength: float = 0.2,
         jpeg_p: float = 0.0,
@@ -88,7 +90,8 @@ class BatchAugment(nn.Module):
         for name, value in (("hflip", hflip), ("vflip", vflip), ("rot90", rot90), ("jitter_p", jitter_p),
                             ("crop_p", crop_p), ("blur_p", blur_p), ("noise_p", noise_p), ("grayscale_p", grayscale_p),
                             ("zoom_out_p", zoom_out_p), ("gamma_p", gamma_p), ("sharpen_p", sharpen_p),
-                            ("joints_p", joints_p), ("texture_p", texture_p), ("jpeg_p", jpeg_p)):
+                            ("joints_p", joints_p), ("joints_staggered", joints_staggered), ("texture_p", texture_p),
+                            ("jpeg_p", jpeg_p)):
             if not 0.0 <= value <= 1.0:
                 raise UsageError(f"augmentation.{name}={value} must be a probability in [0, 1]")
         if not 0.0 < crop_scale <= 1.0:
@@ -114,7 +117,7 @@ class BatchAugment(nn.Module):
         self.grayscale_p = grayscale_p
         self.zoom_out_p, self.zoom_out_scale = zoom_out_p, zoom_out_scale
         self.gamma_p, self.gamma, self.sharpen_p, self.sharpen_amount = gamma_p, gamma, sharpen_p, sharpen_amount
-        self.joints_p, self.joints_width = joints_p, joints_width
+        self.joints_p, self.joints_width, self.joints_staggered = joints_p, joints_width, joints_staggered
         self.texture_p, self.texture_strength, self.jpeg_p, self.jpeg_quality = (texture_p, texture_strength,
                                                                                   jpeg_p, int(jpeg_quality))
 
@@ -142,7 +145,7 @@ class BatchAugment(nn.Module):
         if self.zoom_out_p > 0 and self.zoom_out_scale < 1.0:
             self._zoom_out(images)
         if self.joints_p > 0:  # before the colour transforms: the camera sees the joint with the surface
-            self._apply(images, self.joints_p, lambda x: paint_joints(x, self.joints_width))
+            self._apply(images, self.joints_p, lambda x: paint_joints(x, self.joints_width, self.joints_staggered))
         if self.texture_p > 0:  # the surface's own texture, also seen through the camera's colour and tone
             self._apply(images, self.texture_p, lambda x: paint_texture(x, self.texture_strength))
         if self.jitter_p > 0:
@@ -302,14 +305,17 @@ class BatchAugment(nn.Module):
         images.index_copy_(0, chosen, shrunk)
 
 
-def paint_joints(images: torch.Tensor, width: float = 0.05, generator: torch.Generator | None = None) -> torch.Tensor:
+def paint_joints(images: torch.Tensor, width: float = 0.05, staggered: float = 0.0,
+                 generator: torch.Generator | None = None) -> torch.Tensor:
     """``images`` (B, 3, H, W, float in [0, 1]) with straight joints painted across each: a new tensor.
 
     Per sample: one family of parallel lines at a random angle, spaced 0.3-1 of the side apart (one to three
     lines in view), and with probability 1/2 a second family at right angles (a grid of tiles, bricks or panels);
     widths from 1 px to ``width`` of the side, anti-aliased; one colour per sample, darker (a gap, dark grout) or
     lighter (white grout, mortar) than the sample's mean grey; the cells between the lines shaded apart by up to
-    ±25 % (neighbouring tiles or planks differ). ``generator``: for reproducible draws (tests, benchmarks).
+    ±25 % (neighbouring tiles or planks differ). ``staggered``: the share of grids laid in running bond, as brick
+    and block walls are (the cross joints of each course offset by half a brick from the course before).
+    ``generator``: for reproducible draws (tests, benchmarks).
     """
     count, _, height, width_px = images.shape
     device = images.device
@@ -317,27 +323,17 @@ def paint_joints(images: torch.Tensor, width: float = 0.05, generator: torch.Gen
     def uniform(*shape: int) -> torch.Tensor:  # a few numbers a sample: drawn on the CPU, wherever the images are
         return torch.rand(*shape, generator=generator).to(device)
 
-    ys = torch.arange(height, device=device, dtype=torch.float32) + 0.5 - height / 2
-    xs = torch.arange(width_px, device=device, dtype=torch.float32) + 0.5 - width_px / 2
-    yy, xx = torch.meshgrid(ys, xs, indexing="ij")
     side = float(min(height, width_px))
     line_width = 1.0 + uniform(count) * max(width * side - 1.0, 0.0)
     angle = uniform(count) * math.pi
     grid = uniform(count) < 0.5
-    mask = torch.zeros(count, height, width_px, device=device)
-    cell = torch.zeros(count, height, width_px, device=device)
-    for family in range(2):
-        theta = angle + family * math.pi / 2
-        period = (side * (0.3 + 0.7 * uniform(count)))[:, None, None]  # at most the side: a line always in view
-        phase = uniform(count)[:, None, None] * period
-        along = xx * theta.cos()[:, None, None] + yy * theta.sin()[:, None, None] - phase  # signed offset
-        distance = (torch.remainder(along + period / 2, period) - period / 2).abs()  # to the nearest line
-        line = (line_width[:, None, None] / 2 + 0.5 - distance).clamp_(0.0, 1.0)
-        index = torch.floor(along / period)
-        if family == 1:
-            line, index = line * grid[:, None, None], index * grid[:, None, None]
-        mask = torch.maximum(mask, line)
-        cell += index
+    # Drawn only when asked, so that the other draws (and so the default's augmentation) stay as they were.
+    bond = (grid & (uniform(count) < staggered)) if staggered > 0 else torch.zeros_like(grid)
+    spacing, phase = [], []
+    for _ in range(2):
+        spacing.append(side * (0.3 + 0.7 * uniform(count)))  # at most the side: a line always in view
+        phase.append(uniform(count))
+    mask, cell = joint_lines(height, width_px, angle, spacing, phase, line_width, grid, bond)
     odd = torch.remainder(cell, 2)[:, None]  # a chequerboard of cells
     shade = 1.0 + (uniform(count) * 2 - 1) * 0.25
     shaded = images * (1.0 + odd * (shade[:, None, None, None] - 1.0))
@@ -349,6 +345,41 @@ def paint_joints(images: torch.Tensor, width: float = 0.05, generator: torch.Gen
     colour = (level[:, None] + (uniform(count, 3) - 0.5) * 0.1).clamp_(0.0, 1.0)[:, :, None, None]
     alpha = (0.7 + 0.3 * uniform(count))[:, None, None, None] * mask[:, None]  # mostly opaque
     return (shaded * (1.0 - alpha) + alpha * colour).clamp_(0.0, 1.0).to(images.dtype)
+
+
+def joint_lines(height: int, width: int, angle: torch.Tensor, spacing: list[torch.Tensor], phase: list[torch.Tensor],
+                line_width: torch.Tensor, grid: torch.Tensor, bond: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Where the joints of :func:`paint_joints` lie, from their per-sample (B,) parameters: ``angle`` of the first
+    family (radians; the second is at right angles), ``spacing`` (px) and ``phase`` (a fraction of the spacing) of
+    each family, ``line_width`` (px), ``grid`` (bool: the second family drawn) and ``bond`` (bool: running bond).
+
+    Returns the joints' coverage (B, H, W) in [0, 1], anti-aliased, and each pixel's cell number (B, H, W), the sum
+    of its line numbers in the two families (odd and even cells alternate like a chequerboard).
+    """
+    device = angle.device
+    ys = torch.arange(height, device=device, dtype=torch.float32) + 0.5 - height / 2
+    xs = torch.arange(width, device=device, dtype=torch.float32) + 0.5 - width / 2
+    yy, xx = torch.meshgrid(ys, xs, indexing="ij")
+    mask = torch.zeros(len(angle), height, width, device=device)
+    cell = torch.zeros(len(angle), height, width, device=device)
+    course = cell  # the first family's line number at each pixel (a course of bricks), set in its turn
+    for family in range(2):
+        theta = angle + family * math.pi / 2
+        period = spacing[family][:, None, None]
+        along = (xx * theta.cos()[:, None, None] + yy * theta.sin()[:, None, None]
+                 - phase[family][:, None, None] * period)  # signed offset
+        if family == 1:  # running bond: every other course's cross joints moved by half their spacing
+            along = along + torch.remainder(course, 2) * bond[:, None, None] * period / 2
+        distance = (torch.remainder(along + period / 2, period) - period / 2).abs()  # to the nearest line
+        line = (line_width[:, None, None] / 2 + 0.5 - distance).clamp_(0.0, 1.0)
+        index = torch.floor(along / period)
+        if family == 0:
+            course = index
+        else:
+            line, index = line * grid[:, None, None], index * grid[:, None, None]
+        mask = torch.maximum(mask, line)
+        cell += index
+    return mask, cell
 
 
 def paint_texture(images: torch.Tensor, strength: float = 0.2,
