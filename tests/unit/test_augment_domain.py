@@ -7,7 +7,14 @@ from __future__ import annotations
 import pytest
 import torch
 
-from crackclf.data.augment import BatchAugment, joint_lines, paint_joints, paint_texture, recompress_jpeg
+from crackclf.data.augment import (
+    BatchAugment,
+    joint_lines,
+    paint_cracks,
+    paint_joints,
+    paint_texture,
+    recompress_jpeg,
+)
 
 NO_ORIENT = {"hflip": 0, "vflip": 0, "rot90": 0}
 
@@ -172,6 +179,42 @@ def test_jpeg_recompression_loses_more_at_lower_quality():
     assert float(high[..., 23:25].mean()) < 0.3  # the crack survives compression
 
 
+def test_synthetic_cracks_are_thin_dark_paths_from_the_border_across_the_image():
+    size = 96
+    surface = torch.full((24, 3, size, size), 0.7)
+    out = paint_cracks(surface, width=2.0, generator=torch.Generator().manual_seed(0))
+    assert out.shape == surface.shape and float(out.max()) <= 0.7 + 1e-6  # only ever darker
+    assert torch.allclose(out[:, 0], out[:, 1])  # the surface's own colour, darkened: no tint
+    for sample in range(len(out)):
+        dark = out[sample, 0] < 0.65
+        share = float(dark.float().mean())
+        assert 0.003 < share < 0.06, f"sample {sample}: {share:.1%} of the image is crack"  # thin, and there
+        border = torch.cat([dark[0], dark[-1], dark[:, 0], dark[:, -1]])
+        assert bool(border.any()), f"sample {sample}: the crack does not reach the border"
+        rows, columns = torch.nonzero(dark, as_tuple=True)
+        extent = max(int(rows.max() - rows.min()), int(columns.max() - columns.min()))
+        # Most cross the image; a few turn out again early, never as a speck (1,000 draws: 1.6 % < a third of
+        # the side, none < 23 px).
+        assert extent >= size // 5, f"sample {sample}: a crack {extent} px long only clips the image"
+        assert float(out[sample, 0].min()) < 0.7 * 0.75  # darker by a quarter or more at its core
+    again = paint_cracks(surface, width=2.0, generator=torch.Generator().manual_seed(0))
+    assert torch.equal(out, again)
+    assert len({tuple((sample[0] < 0.65).flatten().nonzero().flatten()[:20].tolist()) for sample in out}) == 24
+
+
+def test_synthetic_cracks_go_on_crack_free_samples_only_and_relabel_them():
+    torch.manual_seed(0)
+    images = torch.full((400, 3, 32, 32), 180, dtype=torch.uint8)
+    labels = torch.tensor([0, 1] * 200)
+    out = BatchAugment(**NO_ORIENT, cracks_p=0.4)(images, labels)
+    painted = (out < 170 / 255).flatten(1).any(dim=1)
+    assert not bool(painted[1::2].any())  # crack images are left as they are
+    assert 0.3 < float(painted[0::2].float().mean()) < 0.5  # the share asked of the crack-free ones
+    assert torch.equal(labels.bool(), painted | (torch.arange(400) % 2 == 1))  # painted ⇔ relabelled a crack
+    # Without labels (the probe's features, inference) nothing is painted: a label cannot follow.
+    assert torch.equal(BatchAugment(**NO_ORIENT, cracks_p=1.0)(images), images.float() / 255)
+
+
 @pytest.mark.parametrize("option", ["texture_p", "jpeg_p"])
 def test_texture_and_jpeg_touch_the_share_asked(option):
     torch.manual_seed(0)
@@ -197,7 +240,29 @@ def test_the_new_transforms_off_change_nothing():
                                                   ({"texture_p": 2}, "texture_p=2"),
                                                   ({"texture_strength": 0}, "texture_strength=0 must be in"),
                                                   ({"jpeg_p": -1}, "jpeg_p=-1"),
-                                                  ({"jpeg_quality": 0}, "jpeg_quality=0 must be a JPEG quality")])
+                                                  ({"jpeg_quality": 0}, "jpeg_quality=0 must be a JPEG quality"),
+                                                  ({"cracks_p": 1.5}, "cracks_p=1.5"),
+                                                  ({"cracks_width": 0.1}, "cracks_width=0.1 must be in")])
 def test_bad_values_are_named(options, message):
     with pytest.raises(ValueError, match=message):
         BatchAugment(**options)
+
+
+def test_the_training_batches_carry_the_synthetic_cracks_labels(tiny_dataset, tmp_path):
+    """Through the data module as a training step gets its batch: the painted crack-free images arrive labelled
+    cracks; validation batches are neither painted nor relabelled."""
+    from types import SimpleNamespace
+
+    from crackclf.data.datamodule import CrackDataModule
+
+    module = CrackDataModule(str(tiny_dataset), image_size=32, batch_size=8, cache_dir=str(tmp_path / "cache"),
+                             progress=False, min_per_class=1, augment=BatchAugment(**NO_ORIENT, cracks_p=1.0))
+    images = torch.full((8, 3, 32, 32), 200, dtype=torch.uint8)
+    labels = torch.tensor([0, 1] * 4)
+    module.trainer = SimpleNamespace(training=False)
+    out, out_labels = module.on_after_batch_transfer((images.clone(), labels.clone()), 0)
+    assert torch.equal(out_labels, labels) and torch.equal(out, images.float() / 255)
+    module.trainer = SimpleNamespace(training=True)
+    out, out_labels = module.on_after_batch_transfer((images.clone(), labels.clone()), 0)
+    assert out_labels.tolist() == [1] * 8
+    assert bool((out[0::2] < 190 / 255).flatten(1).any(dim=1).all()) and torch.equal(out[1::2], images[1::2] / 255)

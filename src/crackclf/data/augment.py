@@ -53,6 +53,10 @@ class BatchAugment(nn.Module):
             relative amplitude (:func:`paint_texture`). On both classes, like the joints.
         jpeg_p, jpeg_quality: probability of re-compressing the sample as a JPEG, at a quality drawn in
             [``jpeg_quality``, 95] (another camera's or a messaging app's compression: blocking and ringing).
+        cracks_p, cracks_width: probability that a crack-free sample gets a thin synthetic crack painted across it
+            and becomes a crack sample (its label set to 1), and the widest such crack in pixels
+            (:func:`paint_cracks`): hairline cracks thinner than any in the data set, as a farther camera or a
+            finer crack shows them. Needs the labels (``forward(images, labels)``).
     """
 
     def __init__(
@@ -85,13 +89,15 @@ class BatchAugment(nn.Module):
         texture_strength: float = 0.2,
         jpeg_p: float = 0.0,
         jpeg_quality: int = 40,
+        cracks_p: float = 0.0,
+        cracks_width: float = 2.0,
     ) -> None:
         super().__init__()
         for name, value in (("hflip", hflip), ("vflip", vflip), ("rot90", rot90), ("jitter_p", jitter_p),
                             ("crop_p", crop_p), ("blur_p", blur_p), ("noise_p", noise_p), ("grayscale_p", grayscale_p),
                             ("zoom_out_p", zoom_out_p), ("gamma_p", gamma_p), ("sharpen_p", sharpen_p),
                             ("joints_p", joints_p), ("joints_staggered", joints_staggered), ("texture_p", texture_p),
-                            ("jpeg_p", jpeg_p)):
+                            ("jpeg_p", jpeg_p), ("cracks_p", cracks_p)):
             if not 0.0 <= value <= 1.0:
                 raise UsageError(f"augmentation.{name}={value} must be a probability in [0, 1]")
         if not 0.0 < crop_scale <= 1.0:
@@ -107,6 +113,9 @@ class BatchAugment(nn.Module):
         if not 1 <= jpeg_quality <= 95:
             raise UsageError(f"augmentation.jpeg_quality={jpeg_quality} must be a JPEG quality in [1, 95] (the lowest "
                              "drawn; e.g. 40)")
+        if not 0.8 <= cracks_width <= 8:
+            raise UsageError(f"augmentation.cracks_width={cracks_width} must be in [0.8, 8] pixels: the widest "
+                             "synthetic crack (e.g. 2)")
         if gamma < 0 or sharpen_amount < 0:
             raise UsageError(f"augmentation.gamma={gamma} and augmentation.sharpen_amount={sharpen_amount} must be "
                              ">= 0")
@@ -120,17 +129,21 @@ class BatchAugment(nn.Module):
         self.joints_p, self.joints_width, self.joints_staggered = joints_p, joints_width, joints_staggered
         self.texture_p, self.texture_strength, self.jpeg_p, self.jpeg_quality = (texture_p, texture_strength,
                                                                                   jpeg_p, int(jpeg_quality))
+        self.cracks_p, self.cracks_width = cracks_p, cracks_width
 
     @property
     def active(self) -> bool:
         return any((self.hflip, self.vflip, self.rot90, self.jitter_p, self.crop_p and self.crop_scale < 1.0,
                     self.blur_p, self.noise_p, self.grayscale_p, self.zoom_out_p and self.zoom_out_scale < 1.0,
                     self.gamma_p and self.gamma, self.sharpen_p and self.sharpen_amount, self.joints_p,
-                    self.texture_p, self.jpeg_p))
+                    self.texture_p, self.jpeg_p, self.cracks_p))
 
     @torch.no_grad()
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
-        """Augment a (B, 3, H, W) batch, uint8 in [0, 255] or float in [0, 1], into a new float batch in [0, 1]."""
+    def forward(self, images: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
+        """Augment a (B, 3, H, W) batch, uint8 in [0, 255] or float in [0, 1], into a new float batch in [0, 1].
+
+        ``labels`` (B,), 1 for a crack: needed by ``cracks_p`` only, which sets the painted samples' labels to 1 in
+        place; without them no crack is painted."""
         if images.shape[0] == 0 or not self.active:
             return images.float().div_(255.0) if images.dtype == torch.uint8 else images
         # Orientation first, on the input dtype (on uint8 it moves a quarter of the bytes), into a new contiguous
@@ -146,6 +159,8 @@ class BatchAugment(nn.Module):
             self._zoom_out(images)
         if self.joints_p > 0:  # before the colour transforms: the camera sees the joint with the surface
             self._apply(images, self.joints_p, lambda x: paint_joints(x, self.joints_width, self.joints_staggered))
+        if self.cracks_p > 0 and labels is not None:  # on the surface, before the camera's colour, blur and noise
+            self._paint_cracks(images, labels)
         if self.texture_p > 0:  # the surface's own texture, also seen through the camera's colour and tone
             self._apply(images, self.texture_p, lambda x: paint_texture(x, self.texture_strength))
         if self.jitter_p > 0:
@@ -175,6 +190,14 @@ class BatchAugment(nn.Module):
         chosen = self._subset(images, p)
         if chosen.numel():
             images.index_copy_(0, chosen, transform(images.index_select(0, chosen)))
+
+    def _paint_cracks(self, images: torch.Tensor, labels: torch.Tensor) -> None:
+        """A thin crack painted on each crack-free sample chosen with probability ``cracks_p``, labelled a crack."""
+        chosen = torch.nonzero((labels == 0) & (torch.rand(len(labels), device=labels.device) < self.cracks_p))
+        chosen = chosen.flatten().to(images.device)
+        if chosen.numel():
+            images.index_copy_(0, chosen, paint_cracks(images.index_select(0, chosen), self.cracks_width))
+            labels[chosen.to(labels.device)] = 1
 
     def _orient(self, images: torch.Tensor) -> torch.Tensor:
         """One of the 8 flips/rotations of the square per sample, into a new contiguous tensor.
@@ -411,6 +434,56 @@ def paint_texture(images: torch.Tensor, strength: float = 0.2,
     texture = torch.tanh(steepness * (mix * fine + (1.0 - mix) * mottle))  # in (-1, 1)
     amplitude = (strength * uniform(count))[:, None, None, None]
     return (images * (1.0 + amplitude * texture)).clamp_(0.0, 1.0).to(images.dtype)
+
+
+def paint_cracks(images: torch.Tensor, width: float = 2.0, segments: int = 16,
+                 generator: torch.Generator | None = None) -> torch.Tensor:
+    """``images`` (B, 3, H, W, float in [0, 1]) with one thin synthetic crack painted across each: a new tensor.
+
+    A crack is a jagged path: it enters at a random point of the border (not near a corner) heading into the
+    image (within ±30° of straight in), then takes
+    ``segments`` steps of a twelfth of the side, each turning by up to ±35° from the last and pulled back towards
+    its first heading (cracks wander, they do not curl); 0.8 px to ``width`` px wide, each step a little narrower or
+    wider (0.6-1x), anti-aliased; darker than the surface by 40-80 % (a gap in the surface's own colour, not a
+    painted line of one colour). ``generator``: for reproducible draws (tests, benchmarks).
+    """
+    count, _, height, width_px = images.shape
+    device = images.device
+
+    def uniform(*shape: int) -> torch.Tensor:
+        return torch.rand(*shape, generator=generator)
+
+    side = float(min(height, width_px))
+    # The start: a point on one of the four sides, heading inwards within ±30° of the side's normal (a crack that
+    # only clips a corner would be a crack label on a crack-free view).
+    edge = torch.randint(0, 4, (count,), generator=generator)
+    along = 0.2 + 0.6 * uniform(count)  # away from the corners, where the next side is near
+    start_x = torch.where(edge == 0, 0.0, torch.where(edge == 1, float(width_px), along * width_px))
+    start_y = torch.where(edge < 2, along * height, torch.where(edge == 2, 0.0, float(height)))
+    normal = torch.tensor([0.0, math.pi, math.pi / 2, -math.pi / 2])[edge]
+    heading0 = normal + (uniform(count) - 0.5) * (math.pi / 3)
+    step = side / 12
+    turns = (uniform(count, segments) - 0.5) * math.radians(70)
+    headings, heading = [], heading0
+    for index in range(segments):
+        heading = heading + turns[:, index]
+        heading = heading0 + 0.7 * (heading - heading0)  # pulled back towards the first heading
+        headings.append(heading)
+    angles = torch.stack(headings, dim=1)
+    xs = torch.cat([start_x[:, None], start_x[:, None] + torch.cumsum(step * angles.cos(), dim=1)], dim=1)
+    ys = torch.cat([start_y[:, None], start_y[:, None] + torch.cumsum(step * angles.sin(), dim=1)], dim=1)
+    widths = (0.8 + (width - 0.8) * uniform(count))[:, None] * (0.6 + 0.4 * uniform(count, segments))
+    # The distance of every pixel centre to each segment, (B, segments, H, W): the nearest segment paints it.
+    px = (torch.arange(width_px, dtype=torch.float32) + 0.5)[None, None, None, :]
+    py = (torch.arange(height, dtype=torch.float32) + 0.5)[None, None, :, None]
+    x0, y0 = xs[:, :-1, None, None], ys[:, :-1, None, None]
+    dx, dy = (xs[:, 1:] - xs[:, :-1])[:, :, None, None], (ys[:, 1:] - ys[:, :-1])[:, :, None, None]
+    t = (((px - x0) * dx + (py - y0) * dy) / (dx * dx + dy * dy).clamp_min(1e-6)).clamp(0.0, 1.0)
+    distance = torch.hypot(px - (x0 + t * dx), py - (y0 + t * dy))
+    coverage = (widths[:, :, None, None] / 2 + 0.5 - distance).clamp(0.0, 1.0).amax(dim=1)  # (B, H, W)
+    depth = (0.4 + 0.4 * uniform(count))[:, None, None]
+    shade = (1.0 - depth * coverage).to(device)[:, None]
+    return (images * shade).clamp_(0.0, 1.0).to(images.dtype)
 
 
 def recompress_jpeg(images: torch.Tensor, lowest_quality: int = 40,

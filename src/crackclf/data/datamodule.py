@@ -317,13 +317,15 @@ class CrackDataModule(pl.LightningDataModule):
             # the float one, and the augmentation then touches fewer pixels.
             images = F.interpolate(images, size=(self.train_size, self.train_size), mode="bilinear",
                                    antialias=True, align_corners=False)
-        return self.model_input(images, augment=training), labels
+        return self.model_input(images, augment=training, labels=labels), labels
 
-    def model_input(self, images: torch.Tensor, augment: bool) -> torch.Tensor:
+    def model_input(self, images: torch.Tensor, augment: bool, labels: torch.Tensor | None = None) -> torch.Tensor:
         """A uint8 (B, 3, H, W) batch → float in [0, 1], through the batch augmentation when ``augment``.
 
-        The augmentation takes the uint8 batch itself: it flips and rotates before converting to float.
+        The augmentation takes the uint8 batch itself: it flips and rotates before converting to float. With
+        ``labels``, an augmentation that paints synthetic cracks (``augmentation.cracks_p``) relabels those samples
+        in place.
         """
         if augment and self.augment is not None:
-            return self.augment(images)
+            return self.augment(images, labels)
         return images.float().div_(255.0)
