@@ -37,6 +37,8 @@ def test_bench_recipe_reports_the_run_it_trained(tiny_dataset, tmp_path):
     assert record["overrides"][0] == "backbone=lcnet_050" and record["cold_cache"] is True
     assert run.data.params["backbone.name"] == "lcnet_050" and run.data.params["trainer.devices"] == "2"  # cpu_fast
     assert record["cpu"] and f"| 1 | {record['wall_s']} | 2 |" in result.stdout
+    # The kept run: its checkpoints and MLflow store, not its data cache (rebuilt in a minute, ~0.9 GB a full run).
+    assert (work / "run" / "checkpoints" / "best.ckpt").is_file() and not (work / "cache").exists()
 
 
 def test_bench_infer_times_both_backends_on_the_files_given(tiny_dataset, tmp_path):
